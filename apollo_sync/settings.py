@@ -1,0 +1,67 @@
+"""Constants in one place: endpoints, limits, defaults, names."""
+
+from __future__ import annotations
+
+# --- The endpoint, both ways in -------------------------------------------------------------
+GATEWAY_BASE_URL = "https://api.aisa.one/apis/v1/apollo"
+"""The AISA gateway (default). Auth ``Authorization: Bearer <key>``; writes land in a shared workspace."""
+APOLLO_BASE_URL = "https://api.apollo.io/api/v1"
+"""Apollo direct. Auth ``X-Api-Key: <key>``."""
+BULK_CREATE_PATH = "/contacts/bulk_create"
+GATEWAY_PATH_PREFIX = "/apis/v1/apollo"
+APOLLO_PATH_PREFIX = "/api/v1"
+
+MAX_CONTACTS_PER_REQUEST = 100
+
+# --- Defaults -------------------------------------------------------------------------------
+DEFAULT_CHUNK_SIZE = 100
+DEFAULT_CONCURRENCY = 4
+DEFAULT_TIMEOUT_SECONDS = 30.0
+DEFAULT_STATE_DIR = ".apollo-sync"
+DEFAULT_PHONE_REGION = "US"
+DEFAULT_SECRET_BLOCK = "apollo-api-key"
+CHUNKS_PER_LOAD_TASK = 50
+"""Chunks handled by one Prefect task run: keeps task runs bounded (1M contacts -> 200 task runs)."""
+
+# --- Environment ----------------------------------------------------------------------------
+ENV_API_KEY = "APOLLO_API_KEY"
+ENV_BASE_URL = "APOLLO_BASE_URL"
+
+# --- Rate-limit headers ---------------------------------------------------------------------
+APOLLO_WINDOWS = {"minute": 60.0, "hourly": 3600.0, "daily": 86400.0}
+"""Apollo direct reports ``x-rate-limit-<window>`` and ``x-<window>-requests-left`` per window."""
+GATEWAY_LIMIT_HEADER = "X-RateLimit-Limit"
+GATEWAY_REMAINING_HEADER = "X-RateLimit-Remaining"
+GATEWAY_RESET_HEADER = "X-RateLimit-Reset"
+RETRY_AFTER_HEADER = "Retry-After"
+
+# --- Contacts -------------------------------------------------------------------------------
+CONTACT_FIELDS = (
+    "first_name",
+    "last_name",
+    "email",
+    "title",
+    "organization_name",
+    "account_id",
+    "owner_id",
+    "website_url",
+    "linkedin_url",
+    "label_names",
+    "contact_stage_id",
+    "present_raw_address",
+    "direct_phone",
+    "corporate_phone",
+    "mobile_phone",
+    "home_phone",
+    "other_phone",
+    "typed_custom_fields",
+)
+PHONE_FIELDS = ("direct_phone", "corporate_phone", "mobile_phone", "home_phone", "other_phone")
+
+# --- Outcomes: every input row ends in exactly one ------------------------------------------
+OUTCOMES = ("created", "existing", "rejected", "duplicate", "failed", "unconfirmed", "unchanged")
+REJECT_INVALID_EMAIL = "invalid_email"
+REJECT_MISSING_IDENTITY = "missing_identity"
+
+SOURCE_ROW = "source_row"
+"""Column carried from extraction to the results file: 1-based record number in the source."""

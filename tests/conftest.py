@@ -1,0 +1,36 @@
+"""Test-wide setup: a private Prefect home, no telemetry, no stray APOLLO_* or proxy settings."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Before anything imports prefect: a private home so tests never touch ~/.prefect, and no telemetry
+# (offline, it would log an error at every server start). No PREFECT_API_URL: flows run on the harness.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="apollo-sync-tests-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("PREFECT_API_KEY", None)
+
+import pytest  # noqa: E402
+
+_CLEARED_PREFIXES = ("APOLLO_",)
+_CLEARED_NAMES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts without APOLLO_* settings or proxies from the developer's shell."""
+    for name in list(os.environ):
+        if name.startswith(_CLEARED_PREFIXES) or name in _CLEARED_NAMES:
+            monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for the whole session; opt in with ``pytest.mark.usefixtures``."""
+    from prefect.testing.utilities import prefect_test_harness  # lazy: this import alone costs seconds
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
