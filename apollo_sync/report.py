@@ -1,0 +1,134 @@
+"""The run's report: ``summary.json`` and the per-row results, and the arithmetic that must hold between them.
+
+Every input row ends in exactly one outcome:
+
+- ``rejected``  the row failed validation (``reason`` says why: ``invalid_email`` or ``missing_identity``);
+- ``duplicate`` the row repeated an earlier row of the same source and was merged into it (``reason`` names it);
+- ``created`` / ``existing``  Apollo created the contact, or (with dedupe) already had it; ``apollo_id`` is set;
+- ``failed``    Apollo refused the row (``reason`` has its message) or retries ran out;
+- ``unconfirmed`` the row was sent but no answer confirmed it (an unknown outcome: a re-run resolves it safely);
+- ``unchanged`` the ledger shows it confirmed earlier with the same content, so it was not sent again;
+- ``would_send`` only in a dry run: the row would have been sent.
+
+The summary adds up: ``rows_read = rows_valid + sum(rejected)`` and
+``rows_valid = duplicates_in_source + created + existing + failed + unconfirmed + unchanged (+ would_send)``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import polars as pl
+
+from apollo_sync.settings import SOURCE_ROW
+
+RESULTS_SCHEMA = {
+    SOURCE_ROW: pl.Int64,
+    "email": pl.String,
+    "outcome": pl.String,
+    "apollo_id": pl.String,
+    "reason": pl.String,
+}
+LOAD_OUTCOMES = ("created", "existing", "failed", "unconfirmed", "unchanged", "would_send")
+SUMMARY_FILE = "summary.json"
+RESULTS_PARQUET = "results.parquet"
+RESULTS_CSV = "results.csv"
+REJECTED_CSV = "rejected.csv"
+_SPREADSHEET_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def results_frame(rejected: pl.DataFrame, duplicates: pl.DataFrame, outcomes: pl.DataFrame) -> pl.DataFrame:
+    """One row per input row, ordered by source row: the content of ``results.parquet``."""
+    parts = [
+        rejected.select(
+            pl.col(SOURCE_ROW).cast(pl.Int64),
+            pl.col("email").cast(pl.String),
+            pl.lit("rejected").alias("outcome"),
+            pl.lit(None, pl.String).alias("apollo_id"),
+            pl.col("reason").cast(pl.String),
+        ),
+        duplicates.select(
+            pl.col(SOURCE_ROW).cast(pl.Int64),
+            pl.col("email").cast(pl.String),
+            pl.lit("duplicate").alias("outcome"),
+            pl.lit(None, pl.String).alias("apollo_id"),
+            pl.format("merged into row {}", pl.col("merged_into")).alias("reason"),
+        ),
+        outcomes.select(
+            pl.col(name).cast(dtype) if name in outcomes.columns else pl.lit(None, dtype).alias(name)
+            for name, dtype in RESULTS_SCHEMA.items()
+        ),
+    ]
+    return pl.concat(parts, how="vertical").sort(SOURCE_ROW)
+
+
+def build_summary(
+    *,
+    rows_read: int,
+    results: pl.DataFrame,
+    requests: int = 0,
+    retries: int = 0,
+    seconds: float = 0.0,
+    extra: Mapping[str, object] | None = None,
+) -> dict:
+    """Count outcomes in ``results`` into the summary's fixed keys (plus ``extra`` ones)."""
+    counts = dict(results.group_by("outcome").len().iter_rows())
+    rejected = {
+        reason: n
+        for reason, n in results.filter(pl.col("outcome") == "rejected").group_by("reason").len().sort("reason").iter_rows()
+    }
+    summary: dict[str, object] = {
+        "rows_read": rows_read,
+        "rows_valid": rows_read - sum(rejected.values()),
+        "rejected": rejected,
+        "duplicates_in_source": counts.get("duplicate", 0),
+        "created": counts.get("created", 0),
+        "existing": counts.get("existing", 0),
+        "failed": counts.get("failed", 0),
+        "unconfirmed": counts.get("unconfirmed", 0),
+        "unchanged": counts.get("unchanged", 0),
+        "requests": requests,
+        "retries": retries,
+        "seconds": round(seconds, 3),
+    }
+    if counts.get("would_send"):
+        summary["would_send"] = counts["would_send"]
+    summary.update(extra or {})
+    return summary
+
+
+def summary_problems(summary: Mapping[str, object]) -> list[str]:
+    """The ways ``summary`` fails to add up (empty when it is consistent)."""
+    problems = []
+    rejected = sum(summary["rejected"].values())  # type: ignore[union-attr]
+    if summary["rows_read"] != summary["rows_valid"] + rejected:
+        problems.append(f"rows_read {summary['rows_read']} != rows_valid {summary['rows_valid']} + rejected {rejected}")
+    accounted = summary["duplicates_in_source"] + sum(summary.get(k, 0) for k in LOAD_OUTCOMES)  # type: ignore[operator]
+    if summary["rows_valid"] != accounted:
+        problems.append(f"rows_valid {summary['rows_valid']} != duplicates + load outcomes {accounted}")
+    return problems
+
+
+def escape_for_spreadsheet(frame: pl.DataFrame) -> pl.DataFrame:
+    """Prefix text cells that a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``) with ``'``."""
+    pattern = "^[" + "".join("\\" + c if c in "-+" else c for c in _SPREADSHEET_TRIGGERS) + "]"
+    return frame.with_columns(
+        pl.when(pl.col(name).str.contains(pattern)).then(pl.lit("'") + pl.col(name)).otherwise(pl.col(name)).alias(name)
+        for name, dtype in frame.schema.items()
+        if dtype == pl.String
+    )
+
+
+def write_report(report_dir: str | Path, summary: Mapping[str, object], results: pl.DataFrame, rejected: pl.DataFrame) -> Path:
+    """Write summary.json, results.parquet, results.csv and rejected.csv (with original values) to ``report_dir``."""
+    out = Path(report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results.write_parquet(out / RESULTS_PARQUET)
+    escape_for_spreadsheet(results).write_csv(out / RESULTS_CSV)
+    escape_for_spreadsheet(rejected.select(pl.all().cast(pl.String))).write_csv(out / REJECTED_CSV)
+    tmp = out / (SUMMARY_FILE + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.replace(out / SUMMARY_FILE)  # summary last and atomically: its presence means the report is whole
+    return out
