@@ -34,3 +34,6 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+from sandbox_fixtures import sandbox, sandbox_factory  # noqa: E402,F401  (fixtures for every test file)

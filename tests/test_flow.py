@@ -1,0 +1,114 @@
+"""The sync-contacts flow end to end: a CRM export over real HTTP into the sandbox, under one Prefect harness."""
+
+import asyncio
+import json
+import logging
+
+import polars as pl
+import pytest
+
+from apollo_sync.settings import ENV_API_KEY
+
+pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_harness")]
+
+CRM_HEADER = "First Name,Last Name,Email Address,Company,Job Title,Phone\r\n"
+
+
+def crm_export(path, n_unique=230):
+    """A CRM export as people's tools write it: BOM, CRLF, quoted commas and newlines, messy emails, repeats."""
+    lines = [CRM_HEADER]
+    for i in range(n_unique):
+        lines.append(f'Person{i},Tester,"  Person{i}@Example.COM ","Acme, Inc. {i % 7}","Head of\nThings",(415) 555-{i % 10000:04d}\r\n')
+    lines.append('Dup,Tester,PERSON1@example.com,"Acme, Inc. 1",,\r\n')  # a duplicate by email
+    lines.append("Bad,Email,not-an-email,Acme,,\r\n")  # invalid email
+    lines.append(",,,Acme,,\r\n")  # no identity
+    lines.append("\r\n")  # a blank line is not a row
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(lines).encode())
+    return path
+
+
+def run(**params):
+    from flows.sync_contacts import sync_contacts
+
+    return asyncio.run(sync_contacts(**params))
+
+
+@pytest.fixture
+def gateway(sandbox, monkeypatch):
+    monkeypatch.setenv(ENV_API_KEY, sandbox.config.api_key)
+    return sandbox
+
+
+def test_crm_export_lands_every_valid_email_once_labelled(gateway, tmp_path):
+    source = crm_export(tmp_path / "export.csv")
+    summary = run(source=str(source), base_url=gateway.gateway_base_url, labels=["X"], chunk_size=100,
+                  state_dir=str(tmp_path / "state"), report_dir=str(tmp_path / "report"), api_key_block=None)
+
+    stored = gateway.contacts()
+    emails = sorted(c["email"] for c in stored)
+    assert emails == sorted(f"person{i}@example.com" for i in range(230))
+    assert all(c["label_names"] == ["X"] for c in stored)
+    assert gateway.stats()["max_contacts_in_request"] == 100
+    assert {c["organization_name"] for c in stored} >= {"Acme, Inc. 0"}
+
+    assert summary["rows_read"] == 233
+    assert summary["rejected"] == {"invalid_email": 1, "missing_identity": 1}
+    assert (summary["rows_valid"], summary["duplicates_in_source"], summary["created"]) == (231, 1, 230)
+    assert summary["requests"] == 3
+    written = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert written == summary
+    results = pl.read_parquet(tmp_path / "report" / "results.parquet")
+    assert results.height == 233 and results["source_row"].n_unique() == 233
+    created_ids = set(results.filter(pl.col("outcome") == "created")["apollo_id"])
+    assert created_ids == {c["id"] for c in stored}
+
+
+def test_rerun_sends_nothing_and_reports_unchanged(gateway, tmp_path):
+    source = crm_export(tmp_path / "export.csv", n_unique=30)
+    params = dict(source=str(source), base_url=gateway.gateway_base_url, state_dir=str(tmp_path / "state"),
+                  api_key_block=None)
+    first = run(**params, report_dir=str(tmp_path / "r1"))
+    requests_after_first = gateway.stats()["requests"]
+    second = run(**params, report_dir=str(tmp_path / "r2"))
+    assert first["created"] == 30
+    assert gateway.stats()["requests"] == requests_after_first
+    assert (second["requests"], second["created"], second["unchanged"]) == (0, 0, 30)
+
+
+def test_dry_run_needs_no_key_and_sends_nothing(gateway, tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_API_KEY)
+    source = crm_export(tmp_path / "export.csv", n_unique=12)
+    summary = run(source=str(source), base_url=gateway.gateway_base_url, dry_run=True, api_key_block=None,
+                  state_dir=str(tmp_path / "state"), report_dir=str(tmp_path / "r"))
+    assert gateway.stats()["requests"] == 0
+    assert summary["would_send"] == 12 and summary["created"] == 0
+
+
+def test_key_from_secret_block_and_never_logged(sandbox, tmp_path, caplog):
+    from prefect.blocks.system import Secret
+
+    Secret(value=sandbox.config.api_key).save("apollo-sync-test-key", overwrite=True)
+    source = crm_export(tmp_path / "export.csv", n_unique=5)
+    with caplog.at_level(logging.DEBUG):
+        summary = run(source=str(source), base_url=sandbox.apollo_base_url, api_key_block="apollo-sync-test-key",
+                      state_dir=str(tmp_path / "state"), report_dir=str(tmp_path / "r"))
+    assert summary["created"] == 5
+    assert caplog.text and sandbox.config.api_key not in caplog.text
+    for path in (tmp_path / "r").iterdir():
+        assert sandbox.config.api_key not in path.read_bytes().decode("utf-8", "replace")
+
+
+def test_wrong_key_stops_the_run_and_reports_every_row(sandbox, tmp_path, monkeypatch):
+    from flows.sync_contacts import LoadAborted
+
+    monkeypatch.setenv(ENV_API_KEY, "wrong-key-123456")
+    source = crm_export(tmp_path / "export.csv", n_unique=250)
+    with pytest.raises(LoadAborted, match="401"):
+        run(source=str(source), base_url=sandbox.gateway_base_url, api_key_block=None, chunk_size=50,
+            state_dir=str(tmp_path / "state"), report_dir=str(tmp_path / "r"))
+    assert sandbox.contacts() == []
+    counts = sandbox.stats()["status_counts"]
+    assert set(counts) == {"401"} and counts["401"] <= 4  # at most the requests already in flight (concurrency 4)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["failed"] == 250 and summary["created"] == 0
+    assert "wrong-key-123456" not in str(summary)
