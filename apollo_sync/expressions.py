@@ -1,0 +1,156 @@
+"""Polars expression builders for cleaning contact columns: each returns a ``pl.Expr``.
+
+They work on whole columns, so :func:`apollo_sync.transform.prepare` can apply them together in one
+``select``. Where a rule needs a library (email syntax, phone numbers), the expression here is the
+vectorised fast path for the common shape, and ``transform`` calls the library once per distinct
+value for the rest; the tests check that both paths agree.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+# --- Text -----------------------------------------------------------------------------------
+
+
+def clean_text(expr: pl.Expr) -> pl.Expr:
+    """Trim, collapse runs of whitespace (Unicode, incl. tabs and no-break spaces) to one space; "" -> null."""
+    collapsed = expr.str.replace_all(r"\s+", " ").str.strip_chars(" ")
+    return pl.when(collapsed.str.len_bytes() > 0).then(collapsed)
+
+
+def first_present(exprs: list[pl.Expr]) -> pl.Expr:
+    """The first non-null of ``exprs`` (null when there are none)."""
+    if not exprs:
+        return pl.lit(None, dtype=pl.String)
+    return exprs[0] if len(exprs) == 1 else pl.coalesce(exprs)
+
+
+# --- Email ----------------------------------------------------------------------------------
+
+EMAIL_FAST_VALID = (
+    r"^[a-z0-9_%+\-]+(?:\.[a-z0-9_%+\-]+)*"
+    r"@(?:[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$"
+)
+"""The common shape of a valid lower-case ASCII address. Every string it matches (and that
+:func:`email_fast_valid` does not exclude) is accepted unchanged by email-validator with
+``check_deliverability=False``: dot-atom local part of ordinary characters, hostname labels of
+at most 63 characters, an alphabetic TLD. The property test in tests/test_transform_props.py
+checks this against email-validator itself."""
+
+EMAIL_MAX_LENGTH = 254
+SPECIAL_USE_SUFFIX = r"\.(?:arpa|invalid|local|localhost|onion|test)$"
+"""email-validator rejects these special-use domains (and their subdomains)."""
+
+
+def normalized_email(expr: pl.Expr) -> pl.Expr:
+    """Email text trimmed (whitespace collapsed) and lower-cased; "" -> null. Syntax is checked separately."""
+    return clean_text(expr).str.to_lowercase()
+
+
+def email_fast_valid(expr: pl.Expr) -> pl.Expr:
+    """True where a (normalised) email is certainly valid without asking email-validator.
+
+    False means "not decided here", not "invalid": those values go to email-validator.
+    """
+    return (
+        expr.str.contains(EMAIL_FAST_VALID)
+        & (expr.str.len_bytes() <= EMAIL_MAX_LENGTH)
+        & ~expr.str.contains(SPECIAL_USE_SUFFIX)
+        & ~expr.str.contains("xn--", literal=True)
+    )
+
+
+# --- Phones ---------------------------------------------------------------------------------
+
+PHONE_NANP_INTERNATIONAL = r"^\+1[ .\-]?(?:\([2-9]\d{2}\)|[2-9]\d{2})[ .\-]?\d{3}[ .\-]?\d{4}$"
+"""+1 followed by a 10-digit North American number whose area code starts 2-9, any usual separators."""
+PHONE_NANP_NATIONAL = r"^(?:1[ .\-]?)?(?:\([2-9]\d{2}\)|[2-9]\d{2})[ .\-]?\d{3}[ .\-]?\d{4}$"
+"""The same written nationally (optional trunk prefix 1); only for a default region in the +1 zone."""
+
+
+def phone_fast_e164(expr: pl.Expr, *, nanp_region: bool) -> pl.Expr:
+    """E.164 for the common North American shapes, null where this fast path does not decide.
+
+    For these shapes phonenumbers gives "+1" + the last 10 digits and the length is possible; the
+    property test checks that. ``nanp_region``: the default region dials with country code 1 (US, CA...).
+    """
+    shape = expr.str.contains(PHONE_NANP_INTERNATIONAL)
+    if nanp_region:
+        shape = shape | expr.str.contains(PHONE_NANP_NATIONAL)
+    return pl.when(shape).then(pl.lit("+1") + expr.str.replace_all(r"\D", "").str.slice(-10))
+
+
+# --- Web ------------------------------------------------------------------------------------
+
+_HOSTNAME = r"^[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?)*\.[a-z]{2,63}$"
+
+
+def website(expr: pl.Expr) -> pl.Expr:
+    """A company website as ``https://<host>``: scheme, ``www.``, port, path and query dropped, lower-cased.
+
+    Apollo matches companies by domain, so the host is what matters; one form for every row keeps
+    duplicates comparable. Values with no usable host name become null.
+    """
+    host = (
+        clean_text(expr)
+        .str.to_lowercase()
+        .str.extract(r"^(?:[a-z][a-z0-9+.\-]*://)?(?:www\.)?([^/:?#\s@]+)", 1)
+        .str.strip_suffix(".")
+    )
+    return pl.when(host.str.contains(_HOSTNAME)).then(pl.lit("https://") + host)
+
+
+def linkedin(expr: pl.Expr) -> pl.Expr:
+    """A LinkedIn URL as ``https://www.linkedin.com/<path>`` without query or trailing slash; null if not LinkedIn."""
+    path = (
+        clean_text(expr)
+        .str.to_lowercase()
+        .str.extract(r"^(?:https?://)?(?:[a-z]{2,3}\.)?linkedin\.com(/[^?#\s]*)?", 1)
+        .str.strip_chars_end("/")
+    )
+    return pl.when(path.str.len_bytes() > 1).then(pl.lit("https://www.linkedin.com") + path)
+
+
+# --- Labels ---------------------------------------------------------------------------------
+
+
+def labels(expr: pl.Expr) -> pl.Expr:
+    """A list of label names from text split on ``;`` or ``,``: trimmed, empty ones dropped, first of each kept."""
+    parts = (
+        expr.str.replace_all(";", ",", literal=True)
+        .str.split(",")
+        .list.eval(clean_text(pl.element()).drop_nulls())
+        .list.unique(maintain_order=True)
+    )
+    return pl.when(parts.list.len() > 0).then(parts)
+
+
+# --- Names ----------------------------------------------------------------------------------
+
+NAME_PARTICLES = (
+    "van", "von", "de", "der", "den", "del", "della", "da", "di", "du", "la", "le", "dos", "das",
+    "ter", "ten", "st", "st.", "bin", "al", "el",
+)
+"""Lower-case words that start a surname when a full name is split (``Jan van der Berg`` -> ``van der Berg``)."""
+_SUFFIX = r"(?:jr|sr|ii|iii|iv|phd|md)\.?"
+_PARTICLE = "(?:" + "|".join(p.replace(".", r"\.") for p in NAME_PARTICLES) + ")"
+_SPLIT_NAME = rf"(?i)^(.+?) ((?:{_PARTICLE} )*\S+(?:,? {_SUFFIX})?)$"
+
+
+def split_name(expr: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
+    """(first, last) from a cleaned full name: ``Last, First`` or ``First [Middle] [particles] Last [Jr.]``.
+
+    A single word becomes the first name with no last name.
+    """
+    last_first = expr.str.extract_groups(r"^([^,]+), ([^,]+)$")
+    suffix_only = last_first.struct.field("2").str.contains(rf"(?i)^{_SUFFIX}$")
+    is_last_first = last_first.struct.field("1").is_not_null() & ~suffix_only
+    parts = expr.str.extract_groups(_SPLIT_NAME)
+    first = (
+        pl.when(is_last_first)
+        .then(last_first.struct.field("2"))
+        .otherwise(pl.coalesce(parts.struct.field("1"), expr))
+    )
+    last = pl.when(is_last_first).then(last_first.struct.field("1")).otherwise(parts.struct.field("2"))
+    return first, last
