@@ -1,0 +1,277 @@
+"""apollo_sync.sources on local files and SQLite: formats agree, CSV details, and every bad input is one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from apollo_sync.errors import InputError
+from apollo_sync.sources import Source, SourceOptions, detect_delimiter, read_source
+
+COLUMNS = ["email", "first_name", "last_name", "organization_name", "zip", "phone"]
+ROWS = [
+    ["ada@example.com", "Ada", "Lovelace", "Analytical, Engines", "02134", "0044 20 7946 0000"],
+    ["grace@example.com", "Grace", "Hopper", 'Navy "Research"', "00501", None],
+    [None, "Alan", "Turing", "Bletchley\nPark", "01001", "+44 1908 640404"],
+    ["ada@example.com", "Ada", "L.", None, None, None],
+    ["linus@example.com", "Linus", "Torvalds", "Linux Foundation", "97035", "(503) 555-0100"],
+    ["margaret@example.com", "Margaret", "Hamilton", "MIT", "02139", None],
+]
+
+
+def expected_frame() -> pl.DataFrame:
+    data = {c: [r[i] for r in ROWS] for i, c in enumerate(COLUMNS)}
+    frame = pl.DataFrame(data, schema={c: pl.String for c in COLUMNS})
+    return frame.with_row_index("source_row", offset=1).with_columns(pl.col("source_row").cast(pl.Int64))
+
+
+def write_csv(path: Path, rows=ROWS, delimiter=",", encoding="utf-8", lineterminator="\r\n", header=True) -> Path:
+    with open(path, "w", encoding=encoding, newline="") as fh:
+        writer = csv.writer(fh, delimiter=delimiter, lineterminator=lineterminator)
+        if header:
+            writer.writerow(COLUMNS)
+        writer.writerows([["" if v is None else v for v in r] for r in rows])
+    return path
+
+
+def collect(source: Source) -> pl.DataFrame:
+    return source.frame.collect()
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> dict[str, str]:
+    """The same contacts as CSV, TSV, Parquet, NDJSON, JSON, xlsx, a glob of three CSVs and a SQLite table."""
+    frame = expected_frame().drop("source_row")
+    out = {"csv": str(write_csv(tmp_path / "contacts.csv"))}
+    out["tsv"] = str(write_csv(tmp_path / "contacts.tsv", delimiter="\t"))
+    frame.write_parquet(tmp_path / "contacts.parquet")
+    out["parquet"] = str(tmp_path / "contacts.parquet")
+    with open(tmp_path / "contacts.ndjson", "w") as fh:
+        for row in frame.iter_rows(named=True):
+            fh.write(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
+    out["ndjson"] = str(tmp_path / "contacts.ndjson")
+    (tmp_path / "contacts.json").write_text(json.dumps(frame.to_dicts()))
+    out["json"] = str(tmp_path / "contacts.json")
+    frame.write_excel(tmp_path / "contacts.xlsx")
+    out["xlsx"] = str(tmp_path / "contacts.xlsx")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for n, (lo, hi) in enumerate([(0, 2), (2, 3), (3, 6)]):  # names sort in row order
+        write_csv(parts / f"export-{n}.csv", ROWS[lo:hi])
+    out["glob"] = str(parts / "*.csv")
+    db = tmp_path / "contacts.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"CREATE TABLE contacts ({', '.join(c + ' TEXT' for c in COLUMNS)})")
+        conn.executemany(f"INSERT INTO contacts VALUES ({', '.join('?' * len(COLUMNS))})", ROWS)
+    conn.close()
+    out["sqlite"] = f"sqlite:///{db}"
+    return out
+
+
+@pytest.mark.parametrize("kind", ["csv", "tsv", "parquet", "ndjson", "json", "xlsx", "glob", "sqlite"])
+def test_every_format_gives_the_same_frame(sources, kind):
+    options = SourceOptions(query="contacts") if kind == "sqlite" else SourceOptions()
+    source = read_source(sources[kind], options)
+    assert isinstance(source.frame, pl.LazyFrame)
+    assert_frame_equal(collect(source), expected_frame())
+
+
+def test_glob_numbers_rows_across_files_and_unions_columns(tmp_path):
+    (tmp_path / "a.csv").write_text("email,first_name\na@x.com,A\nb@x.com,B\n")
+    (tmp_path / "b.csv").write_text("email,title\nc@x.com,CEO\n")
+    source = read_source(str(tmp_path / "*.csv"))
+    frame = collect(source)
+    assert frame["source_row"].to_list() == [1, 2, 3]
+    assert frame["email"].to_list() == ["a@x.com", "b@x.com", "c@x.com"]
+    assert frame["first_name"].to_list() == ["A", "B", None]
+    assert frame["title"].to_list() == [None, None, "CEO"]
+    assert source.description == f"2 files: {tmp_path / '*.csv'}"
+
+
+def test_fingerprint_follows_content_and_uri_is_absolute(tmp_path, sources):
+    a = read_source(sources["csv"])
+    assert a.fingerprint == read_source(sources["csv"]).fingerprint
+    assert a.uri == Path(sources["csv"]).resolve().as_uri() and a.description == "contacts.csv"
+    with open(sources["csv"], "a") as fh:
+        fh.write("new@example.com,N,N,,,\r\n")
+    assert read_source(sources["csv"]).fingerprint != a.fingerprint
+    assert read_source(sources["csv"], SourceOptions(delimiter=",")).fingerprint != read_source(sources["csv"]).fingerprint
+
+
+@pytest.mark.parametrize("delimiter", [",", ";", "\t", "|"])
+def test_delimiter_is_detected(tmp_path, delimiter):
+    path = write_csv(tmp_path / "contacts.csv", delimiter=delimiter)
+    assert_frame_equal(collect(read_source(str(path))), expected_frame())
+
+
+def test_detect_delimiter_respects_quotes():
+    assert detect_delimiter('name;email\n"Smith, J";a@x.com\n"Doe, K";b@x.com\n') == ";"
+    assert detect_delimiter("email\na@x.com\n") == ","
+
+
+def test_explicit_delimiter_wins(tmp_path):
+    path = tmp_path / "odd.csv"
+    path.write_text("email:name\na@x.com:A\n")
+    frame = collect(read_source(str(path), SourceOptions(delimiter=":")))
+    assert frame.columns == ["source_row", "email", "name"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "latin-1", "cp1252"])
+def test_encodings(tmp_path, encoding):
+    rows = [["rene@example.com", "René", "Ørsted", "Café Crème", "02134", None]]
+    path = write_csv(tmp_path / "contacts.csv", rows=rows, encoding=encoding)
+    frame = collect(read_source(str(path), SourceOptions(encoding=encoding)))
+    assert frame.columns == ["source_row", *COLUMNS]
+    assert frame.row(0) == (1, *rows[0])
+
+
+def test_cp1252_curly_quotes_decoded(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_bytes("email,organization_name\na@x.com,\u201cQuoted\u201d \u20ac Ltd\n".encode("cp1252"))
+    frame = collect(read_source(str(path), SourceOptions(encoding="cp1252")))
+    assert frame["organization_name"].to_list() == ["\u201cQuoted\u201d \u20ac Ltd"]
+
+
+def test_blank_lines_are_not_rows_and_crlf_and_quoted_newlines(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_bytes(b'email,note\r\n\r\na@x.com,"line one\r\nline two, with comma"\r\n\r\n\r\nb@x.com,plain\r\n\r\n')
+    frame = collect(read_source(str(path)))
+    assert frame["source_row"].to_list() == [1, 2]
+    assert frame["note"].to_list() == ["line one\r\nline two, with comma", "plain"]
+    assert frame["email"].to_list() == ["a@x.com", "b@x.com"]
+
+
+def test_header_only_file_is_zero_rows(tmp_path):
+    path = tmp_path / "h.csv"
+    path.write_text("email,first_name\n")
+    frame = collect(read_source(str(path)))
+    assert frame.height == 0
+    assert frame.schema == pl.Schema({"source_row": pl.Int64, "email": pl.String, "first_name": pl.String})
+
+
+def test_non_string_columns_become_text(tmp_path):
+    path = tmp_path / "typed.parquet"
+    pl.DataFrame({"email": ["a@x.com"], "zip": [2134], "vip": [True], "labels": [["a", "b"]]}).write_parquet(path)
+    frame = collect(read_source(str(path)))
+    assert frame.row(0) == (1, "a@x.com", "2134", "true", "a;b")
+    assert all(dtype == pl.String for name, dtype in frame.schema.items() if name != "source_row")
+
+
+def test_format_override(tmp_path):
+    path = tmp_path / "contacts.export"
+    path.write_text("email\na@x.com\n")
+    assert collect(read_source(str(path), SourceOptions(format="csv")))["email"].to_list() == ["a@x.com"]
+
+
+def test_sqlite_query_with_cursor(tmp_path):
+    db = tmp_path / "c.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE people (id INTEGER, email TEXT, updated TEXT)")
+        conn.executemany("INSERT INTO people VALUES (?,?,?)",
+                         [(1, "a@x.com", "2024-01-01"), (2, "b@x.com", "2024-01-02"), (10, "c@x.com", "2024-01-03")])
+    conn.close()
+    spec = f"sqlite:///{db}"
+    first = read_source(spec, SourceOptions(query="SELECT * FROM people", cursor_column="id"))
+    assert first.cursor_max == "10" and collect(first).height == 3
+    after = read_source(spec, SourceOptions(query="SELECT * FROM people", cursor_column="id", cursor_after="2"))
+    assert collect(after)["email"].to_list() == ["c@x.com"]  # 10 > 2 as numbers, not as text
+    assert after.cursor_max == "10" and after.fingerprint != first.fingerprint
+    none_new = read_source(spec, SourceOptions(query="people", cursor_column="id", cursor_after="10"))
+    assert collect(none_new).height == 0 and none_new.cursor_max == "10"
+    by_date = read_source(spec, SourceOptions(query="people", cursor_column="updated", cursor_after="2024-01-01"))
+    assert collect(by_date)["id"].to_list() == ["2", "10"] and by_date.cursor_max == "2024-01-03"
+    assert first.uri == f"sqlite://{db.resolve()}"
+
+
+# --- Bad input: one line, says what to do ----------------------------------------------------------------
+
+
+def bad(spec: str, options: SourceOptions = SourceOptions()) -> str:
+    with pytest.raises(InputError) as info:
+        read_source(spec, options)
+    message = str(info.value)
+    assert "\n" not in message and message
+    assert info.value.exit_code == 2
+    return message
+
+
+def test_missing_path(tmp_path):
+    assert "does not exist" in bad(str(tmp_path / "nope.csv"))
+
+
+def test_glob_matching_nothing(tmp_path):
+    assert "matches no files" in bad(str(tmp_path / "*.csv"))
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "e.csv").write_bytes(b"")
+    assert "empty (0 bytes)" in bad(str(tmp_path / "e.csv"))
+
+
+def test_binary_garbage(tmp_path):
+    (tmp_path / "g.csv").write_bytes(bytes(range(256)) * 64)
+    assert "binary" in bad(str(tmp_path / "g.csv"))
+
+
+def test_parquet_that_is_not_parquet(tmp_path):
+    (tmp_path / "g.parquet").write_text("email\na@x.com\n")
+    assert "cannot read" in bad(str(tmp_path / "g.parquet"))
+
+
+def test_wrong_encoding_suggests_latin1(tmp_path):
+    (tmp_path / "l.csv").write_bytes("email,name\nrene@example.com,René\n".encode("latin-1"))
+    message = bad(str(tmp_path / "l.csv"))
+    assert "not valid utf-8" in message and "--encoding latin-1" in message and "line 2" in message
+
+
+def test_unknown_extension_suggests_format(tmp_path):
+    (tmp_path / "c.dat").write_text("email\na@x.com\n")
+    assert "--format" in bad(str(tmp_path / "c.dat"))
+
+
+def test_unknown_encoding_and_format_and_delimiter(tmp_path):
+    path = str(write_csv(tmp_path / "c.csv"))
+    assert "--encoding" in bad(path, SourceOptions(encoding="klingon"))
+    assert "--format" in bad(path, SourceOptions(format="docx"))
+    assert "--delimiter" in bad(path, SourceOptions(delimiter=";;"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file(tmp_path):
+    path = write_csv(tmp_path / "c.csv")
+    path.chmod(0)
+    assert "cannot read" in bad(str(path))
+
+
+def test_directory(tmp_path):
+    assert "is a directory" in bad(str(tmp_path))
+
+
+def test_ragged_csv(tmp_path):
+    (tmp_path / "r.csv").write_text("email,name\na@x.com,A,extra,fields\n")
+    assert "cannot read" in bad(str(tmp_path / "r.csv"))
+
+
+def test_json_that_is_not_an_array(tmp_path):
+    (tmp_path / "c.json").write_text('{"email": "a@x.com"}\n{"email": "b@x.com"}\n')
+    assert "--format ndjson" in bad(str(tmp_path / "c.json"))
+
+
+def test_sql_errors(tmp_path, sources):
+    assert "needs --query" in bad(sources["sqlite"])
+    message = bad(sources["sqlite"], SourceOptions(query="SELECT * FROM nowhere"))
+    assert "query failed" in message and "nowhere" in message
+    assert "does not exist" in bad(f"sqlite:///{tmp_path / 'missing.db'}", SourceOptions(query="t"))
+    assert "--cursor-column" in bad(sources["sqlite"], SourceOptions(query="contacts", cursor_column="nope"))
+    assert "only with" in bad(sources["csv"], SourceOptions(query="contacts"))
+
+
+def test_unsupported_scheme():
+    assert "unsupported" in bad("ftp://example.com/c.csv")
