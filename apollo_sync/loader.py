@@ -1,0 +1,382 @@
+"""Load prepared contacts into Apollo: chunks, bounded concurrency, pacing, retries, bisection, the ledger.
+
+A :class:`LoadSession` lives for one run (the flow calls :meth:`LoadSession.load` once per group of chunks) and
+holds the client, the pacer, the ledger and cumulative :class:`LoadStats`. For each chunk it marks the rows
+``pending`` in the ledger, sends them, and records the outcome of every row in one transaction. The rules:
+
+* 429: wait as the pacer says (``Retry-After``) and retry; these retries have their own, larger bound.
+* 5xx, timeouts, dropped connections: retry with exponential backoff and jitter, up to ``max_attempts``. The
+  request may have landed, so every later attempt of those rows runs with ``run_dedupe`` true, whatever the user
+  chose: no second contact is created.
+* 401/403: raise ``AuthError`` at once; no further request is sent by this session. The exception carries
+  ``result`` (a :class:`GroupResult` with an outcome for every row of the call).
+* 400/413/422: split the chunk in halves until the offending contacts are isolated; they are ``failed`` with the
+  API's message and the rest land.
+* Rows that exhaust their attempts are ``failed`` with the reason, or ``unconfirmed`` if any attempt's outcome was
+  unknown. A row missing from a successful answer is ``unconfirmed``. Every row given to ``load`` comes back with
+  exactly one outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import random
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Awaitable, Callable, Sequence
+
+import polars as pl
+
+from apollo_sync import settings
+from apollo_sync.client import ApolloClient, RateLimited, TransportFailure
+from apollo_sync.errors import ApolloAPIError, AuthError, InputError
+from apollo_sync.ledger import Ledger
+from apollo_sync.pacing import Pacer
+from apollo_sync.reconcile import SentRow, reconcile
+
+OUTCOMES_SCHEMA = {
+    "source_row": pl.Int64,
+    "email": pl.String,
+    "outcome": pl.String,
+    "apollo_id": pl.String,
+    "reason": pl.String,
+}
+"""The outcomes frame every ``load`` returns (common contract)."""
+
+REQUIRED_COLUMNS = ("source_row", "identity", "payload")
+OPTIONAL_COLUMNS = ("fingerprint", "email", "first_name", "last_name", "organization_name")
+
+DEFAULT_MAX_ATTEMPTS = 8
+"""Attempts per request for 5xx, timeouts and dropped connections (429s are counted apart)."""
+MAX_RATE_LIMITED = 50
+"""429 answers one request may get before its rows are given up as failed."""
+BACKOFF_BASE = 0.5
+BACKOFF_MAX = 30.0
+BISECT_STATUSES = frozenset({400, 413, 422})
+RETRY_STATUSES = frozenset({408, 425})
+"""Besides 5xx: client-side statuses worth retrying (their outcome is treated as unknown)."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """At most ``chunk_size`` rows sent in one request; ``must_dedupe`` chunks always go with ``run_dedupe``."""
+
+    number: int
+    rows: pl.DataFrame
+    must_dedupe: bool = False
+
+    def __len__(self) -> int:
+        return self.rows.height
+
+
+@dataclass
+class LoadStats:
+    """Counters. On a session they are cumulative over every ``load``; on a :class:`GroupResult`, that call's."""
+
+    chunks: int = 0
+    rows: int = 0
+    requests: int = 0
+    retries: int = 0
+    http_429: int = 0
+    http_5xx: int = 0
+    http_4xx: int = 0
+    timeouts: int = 0
+    dropped: int = 0
+    bisections: int = 0
+    dedupe_forced: int = 0
+    created: int = 0
+    existing: int = 0
+    failed: int = 0
+    unconfirmed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict (for summaries and artifacts)."""
+        return asdict(self)
+
+    def add(self, name: str, n: int = 1) -> None:
+        setattr(self, name, getattr(self, name) + n)
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """One finished chunk, handed to ``on_chunk_done``: its number, its rows' outcomes and the requests it took."""
+
+    chunk: int
+    outcomes: pl.DataFrame
+    requests: int
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """What one ``load`` call returns: an outcome per row (``OUTCOMES_SCHEMA``) and that call's stats."""
+
+    outcomes: pl.DataFrame
+    stats: LoadStats
+
+
+@dataclass
+class _Rows:
+    """The rows of one request as plain lists (cheap to slice when bisecting)."""
+
+    source_row: list[int]
+    identity: list[str]
+    fingerprint: list[str | None]
+    payload: list[str]
+    email: list[str | None]
+    sent: list[SentRow]
+
+    def __len__(self) -> int:
+        return len(self.payload)
+
+    def slice(self, start: int, stop: int) -> _Rows:
+        return _Rows(*(getattr(self, f.name)[start:stop] for f in fields(self)))
+
+    @classmethod
+    def of(cls, frame: pl.DataFrame) -> _Rows:
+        cols = {c: frame[c].to_list() for c in frame.columns}
+        sent = [
+            SentRow(e, f, l, o)
+            for e, f, l, o in zip(cols["email"], cols["first_name"], cols["last_name"], cols["organization_name"])
+        ]
+        return cls(cols["source_row"], cols["identity"], cols["fingerprint"], cols["payload"], cols["email"], sent)
+
+
+@dataclass
+class _Outcome:
+    outcome: str
+    apollo_id: str | None
+    reason: str | None
+
+
+@dataclass
+class _Call:
+    """Per-``load`` bookkeeping."""
+
+    stats: LoadStats = field(default_factory=LoadStats)
+
+
+class LoadSession:
+    """Loads chunks for one run; see the module docstring for the rules.
+
+    ``client`` must already be open (``async with ApolloClient(...)``). ``ledger`` may be None (nothing is
+    remembered). ``before_request`` is awaited before every HTTP request (the flow passes a Prefect global
+    rate-limit acquire); ``on_chunk_done(ChunkResult)`` is called (and awaited if it returns an awaitable) after
+    each chunk.
+    """
+
+    def __init__(
+        self,
+        client: ApolloClient,
+        pacer: Pacer,
+        ledger: Ledger | None,
+        *,
+        target: str,
+        labels: Sequence[str] = (),
+        run_dedupe: bool = True,
+        concurrency: int = settings.DEFAULT_CONCURRENCY,
+        chunk_size: int = settings.DEFAULT_CHUNK_SIZE,
+        run_id: str = "",
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        before_request: Callable[[], Awaitable[Any]] | None = None,
+        on_chunk_done: Callable[[ChunkResult], Any] | None = None,
+        backoff_base: float = BACKOFF_BASE,
+        backoff_max: float = BACKOFF_MAX,
+        seed: int | None = None,
+    ):
+        if not 1 <= chunk_size <= settings.MAX_CONTACTS_PER_REQUEST:
+            raise InputError(f"chunk size must be 1 to {settings.MAX_CONTACTS_PER_REQUEST}, got {chunk_size}")
+        if concurrency < 1:
+            raise InputError(f"concurrency must be at least 1, got {concurrency}")
+        if max_attempts < 1:
+            raise InputError(f"max attempts must be at least 1, got {max_attempts}")
+        self.client = client
+        self.pacer = pacer
+        self.ledger = ledger
+        self.target = target
+        self.labels = list(labels)
+        self.run_dedupe = run_dedupe
+        self.concurrency = concurrency
+        self.chunk_size = chunk_size
+        self.run_id = run_id
+        self.max_attempts = max_attempts
+        self.before_request = before_request
+        self.on_chunk_done = on_chunk_done
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.stats = LoadStats()
+        self._random = random.Random(seed)
+        self._next_chunk = 0
+        self._auth_error: AuthError | None = None
+
+    # --- chunks ------------------------------------------------------------------------------------------------------
+
+    def make_chunks(self, to_send: pl.DataFrame) -> list[Chunk]:
+        """Cut ``to_send`` into chunks of at most ``chunk_size`` rows.
+
+        Needs ``source_row``, ``identity`` and ``payload``; ``fingerprint``, ``email``, ``first_name``,
+        ``last_name``, ``organization_name`` and ``must_dedupe`` are used when present. Rows that must be deduped
+        are chunked apart, so they do not force dedupe on new rows.
+        """
+        missing = [c for c in REQUIRED_COLUMNS if c not in to_send.columns]
+        if missing:
+            raise InputError(f"rows to load lack column(s) {', '.join(missing)}; pass the contacts from prepare()")
+        frame = to_send.with_columns(
+            [pl.lit(None, dtype=pl.String).alias(c) for c in OPTIONAL_COLUMNS if c not in to_send.columns]
+        )
+        if "must_dedupe" not in frame.columns:
+            frame = frame.with_columns(must_dedupe=pl.lit(False))
+        frame = frame.select(
+            pl.col("source_row").cast(pl.Int64),
+            *[pl.col(c).cast(pl.String) for c in ("identity", "payload", *OPTIONAL_COLUMNS)],
+            pl.col("must_dedupe").fill_null(True).cast(pl.Boolean),
+        )
+        chunks: list[Chunk] = []
+        for flag in (False, True):
+            part = frame.filter(pl.col("must_dedupe") == flag).drop("must_dedupe")
+            for start in range(0, part.height, self.chunk_size):
+                chunks.append(Chunk(self._next_chunk, part.slice(start, self.chunk_size), flag))
+                self._next_chunk += 1
+        return chunks
+
+    # --- loading -----------------------------------------------------------------------------------------------------
+
+    async def load(self, chunks: Sequence[Chunk]) -> GroupResult:
+        """Send ``chunks`` with at most ``concurrency`` requests in flight; an outcome for every row.
+
+        Raises ``AuthError`` (with ``.result``) on 401/403, at once or on any later call.
+        """
+        call = _Call()
+        results: list[pl.DataFrame | None] = [None] * len(chunks)
+        pending = iter(range(len(chunks)))
+
+        async def worker() -> None:
+            for index in pending:
+                results[index] = await self._load_chunk(chunks[index], call)
+
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(self.concurrency, len(chunks))):
+                group.create_task(worker())
+        frames = [frame for frame in results if frame is not None]
+        outcomes = pl.concat(frames) if frames else pl.DataFrame(schema=OUTCOMES_SCHEMA)
+        result = GroupResult(outcomes, call.stats)
+        if self._auth_error is not None:
+            self._auth_error.result = result  # type: ignore[attr-defined]
+            raise self._auth_error
+        return result
+
+    async def _load_chunk(self, chunk: Chunk, call: _Call) -> pl.DataFrame:
+        rows = _Rows.of(chunk.rows)
+        sendable = self._auth_error is None  # after a 401/403 nothing is sent, so nothing goes in the ledger
+        if sendable and self.ledger is not None:
+            self.ledger.mark_pending(self.target, chunk.rows, self.run_id)
+        requests_before = call.stats.requests
+        outcomes = await self._send(rows, self.run_dedupe or chunk.must_dedupe, call)
+        frame = pl.DataFrame(
+            {
+                "source_row": rows.source_row,
+                "email": rows.email,
+                "outcome": [o.outcome for o in outcomes],
+                "apollo_id": [o.apollo_id for o in outcomes],
+                "reason": [o.reason for o in outcomes],
+            },
+            schema=OUTCOMES_SCHEMA,
+        )
+        if sendable and self.ledger is not None:
+            self.ledger.record(
+                self.target,
+                frame.with_columns(
+                    identity=pl.Series(rows.identity, dtype=pl.String),
+                    fingerprint=pl.Series(rows.fingerprint, dtype=pl.String),
+                ),
+                self.run_id,
+            )
+        self._count(call, "chunks")
+        self._count(call, "rows", len(rows))
+        for o in outcomes:
+            if o.outcome in ("created", "existing", "failed", "unconfirmed"):
+                self._count(call, o.outcome)
+        if self.on_chunk_done is not None:
+            done = self.on_chunk_done(ChunkResult(chunk.number, frame, call.stats.requests - requests_before))
+            if inspect.isawaitable(done):
+                await done
+        return frame
+
+    async def _send(self, rows: _Rows, dedupe: bool, call: _Call) -> list[_Outcome]:
+        """Send ``rows`` in one request, retrying and bisecting as the rules say; one outcome per row."""
+        attempts = rate_limited = 0
+        unknown = False  # some attempt may have landed: dedupe from now on, and never call the rows failed
+        reason = ""
+        while True:
+            if self._auth_error is not None:
+                return _give_up(rows, unknown, f"not sent: {self._auth_error.message}")
+            if attempts >= self.max_attempts or rate_limited >= MAX_RATE_LIMITED:
+                return _give_up(rows, unknown, f"gave up after {attempts + rate_limited} attempts: {reason}")
+            if self.before_request is not None:
+                await self.before_request()
+            ticket = await self.pacer.acquire()
+            if self._auth_error is not None:
+                continue
+            send_dedupe = dedupe or unknown
+            self._count(call, "requests")
+            if attempts or rate_limited:
+                self._count(call, "retries")
+            if send_dedupe and not self.run_dedupe:
+                self._count(call, "dedupe_forced")
+            try:
+                answer = await self.client.bulk_create(rows.payload, labels=self.labels, run_dedupe=send_dedupe)
+            except RateLimited as exc:
+                rate_limited += 1
+                self._count(call, "http_429")
+                self.pacer.on_429(exc.retry_after, exc.rate)
+                reason = f"429: {exc.message}"
+                continue
+            except AuthError as exc:
+                self._auth_error = exc
+                return _give_up(rows, unknown, f"not sent: {exc.status} {exc.message}")
+            except ApolloAPIError as exc:
+                attempts += 1
+                rate = getattr(exc, "rate", None)
+                if rate is not None:
+                    self.pacer.observe(rate, ticket)
+                reason = f"{exc.status}: {exc.message}"
+                if exc.status >= 500 or exc.status in RETRY_STATUSES:
+                    self._count(call, "http_5xx" if exc.status >= 500 else "http_4xx")
+                    unknown = True
+                    await self._backoff(attempts)
+                    continue
+                self._count(call, "http_4xx")
+                if exc.status in BISECT_STATUSES:
+                    if len(rows) == 1:
+                        return [_Outcome("failed", None, reason)]
+                    self._count(call, "bisections")
+                    middle = len(rows) // 2
+                    first = await self._send(rows.slice(0, middle), dedupe or unknown, call)
+                    return first + await self._send(rows.slice(middle, len(rows)), dedupe or unknown, call)
+                return _give_up(rows, unknown, reason)
+            except TransportFailure as exc:
+                attempts += 1
+                self._count(call, "timeouts" if exc.kind == "timeout" else "dropped")
+                unknown = unknown or exc.maybe_landed
+                reason = exc.message
+                await self._backoff(attempts)
+                continue
+            self.pacer.observe(answer.rate, ticket)
+            matched = reconcile(rows.sent, answer.created, answer.existing)
+            return [
+                _Outcome(o, i, None if o != "unconfirmed" else "sent, but not in the answer")
+                for o, i in zip(matched.outcomes, matched.apollo_ids)
+            ]
+
+    async def _backoff(self, attempt: int) -> None:
+        """Exponential backoff with jitter: between half and all of ``base * 2**(attempt-1)``, capped."""
+        ceiling = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
+        await asyncio.sleep(ceiling / 2 + self._random.uniform(0, ceiling / 2))
+
+    def _count(self, call: _Call, name: str, n: int = 1) -> None:
+        self.stats.add(name, n)
+        call.stats.add(name, n)
+
+
+def _give_up(rows: _Rows, unknown: bool, reason: str) -> list[_Outcome]:
+    outcome = "unconfirmed" if unknown else "failed"
+    return [_Outcome(outcome, None, reason) for _ in range(len(rows))]
