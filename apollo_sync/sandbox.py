@@ -18,7 +18,7 @@ Admin endpoints (no auth, loopback only): ``GET /_sandbox/contacts``, ``GET /_sa
 ``POST /_sandbox/reset``.
 
 Use :class:`SandboxServer` (in-process thread) or :class:`SandboxProcess` (child process, same API), or
-run ``python -m apollo_sync.sandbox --port 8100 --rate 60``. This module imports the standard library only.
+run ``python -m apollo_sync.sandbox --port 8765 --rate 60``. This module imports the standard library only.
 """
 
 from __future__ import annotations
@@ -695,7 +695,12 @@ class SandboxServer(_UrlsMixin):
         return self._state().contacts()
 
     def stats(self) -> dict[str, Any]:
-        """requests, status_counts, faults, contacts_stored, max_contacts_in_request, created, existing."""
+        """requests, status_counts, faults, contacts_stored, max_contacts_in_request, created, existing.
+
+        ``requests`` counts bulk_create requests answered (or dropped); ``status_counts`` maps
+        ``"200"``, ``"429"``... to counts, with ``"dropped"`` for connections closed without an answer;
+        ``max_contacts_in_request`` includes requests refused for holding more than 100.
+        """
         return self._state().stats()
 
     def reset(self) -> None:
@@ -837,7 +842,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``python -m apollo_sync.sandbox`` flags, mirroring SandboxConfig."""
     p = argparse.ArgumentParser(prog="python -m apollo_sync.sandbox", description=__doc__.split("\n\n")[0])
     d = SandboxConfig()
-    p.add_argument("--port", type=int, default=8100, help="port on 127.0.0.1 (0 = any free port; default 8100)")
+    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0 = any free port; default 8765)")
     p.add_argument("--host", default=LOOPBACK_HOST, help="only 127.0.0.1 (or localhost) is accepted")
     p.add_argument("--api-key", default=d.api_key, help="the key clients must send (default: sandbox-key)")
     p.add_argument("--rate", type=int, default=None, help="requests per --window per key (default: no limit)")

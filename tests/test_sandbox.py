@@ -1,4 +1,7 @@
-"""The sandbox server over real sockets: both ways in, auth, validation, dedupe, rate windows, faults, admin."""
+"""The sandbox server over real sockets: both ways in, auth, validation, dedupe, rate windows, faults, admin.
+
+Fixtures ``sandbox`` and ``sandbox_factory`` come from tests/sandbox_fixtures.py via conftest.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import time
 
 import httpx
 import pytest
-from sandbox_fixtures import sandbox, sandbox_factory  # noqa: F401 - fixtures
 
 from apollo_sync.errors import InputError
 from apollo_sync.sandbox import (
@@ -289,8 +291,8 @@ def test_apollo_rate_headers_name_each_window(sandbox_factory):
     sb = sandbox_factory(rate=5, window=1, hourly_limit=2, daily_limit=100)
     with apollo(sb) as a:
         align_to_window(1.0)
-        answers = [post(a, [{"email": f"u{i}@example.com"}]) for i in range(3)]
-    first, _, over = answers
+        answers = [post(a, [{"email": f"u{i}@example.com"}]) for i in range(4)]
+    first, _, over, over_again = answers
     assert first.status_code == 200
     assert first.headers["x-rate-limit-minute"] == "5" and first.headers["x-minute-requests-left"] == "4"
     assert first.headers["x-minute-usage"] == "1"
@@ -300,6 +302,7 @@ def test_apollo_rate_headers_name_each_window(sandbox_factory):
     assert over.json() == {"status": 429, "message": "hourly rate limit exceeded"}
     assert over.headers["x-hourly-requests-left"] == "0" and over.headers["x-minute-usage"] == "2"
     assert 1 <= int(over.headers["Retry-After"]) <= 3600
+    assert over_again.status_code == 429 and over_again.headers["x-hourly-usage"] == "2"  # a 429 is not counted
 
 
 def test_apollo_minute_window_message(sandbox_factory):
