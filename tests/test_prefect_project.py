@@ -1,0 +1,149 @@
+"""The Prefect project as a whole: prefect.yaml, the UI form of the flow's parameters, setup.py, the automation.
+
+No server: entrypoints are imported the way `prefect deploy` imports them, and schemas are read off the Flow.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFECT_YAML = ROOT / "prefect.yaml"
+AUTOMATION = ROOT / "deployments" / "automation-failed-contacts.yaml"
+
+
+def _config() -> dict:
+    return yaml.safe_load(PREFECT_YAML.read_text(encoding="utf-8"))
+
+
+def _deployments() -> dict[str, dict]:
+    return {d["name"]: d for d in _config()["deployments"]}
+
+
+def _setup_module():
+    spec = importlib.util.spec_from_file_location("apollo_sync_setup", ROOT / "deployments" / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def _schema() -> dict:
+    from prefect.flows import load_flow_from_entrypoint
+
+    flow = load_flow_from_entrypoint(str(ROOT / _deployments()["sync-contacts-adhoc"]["entrypoint"]))
+    return flow.parameters.model_dump_for_openapi()
+
+
+@pytest.mark.parametrize("name", ["sync-contacts-nightly", "sync-contacts-adhoc"])
+def test_every_entrypoint_imports_and_is_the_sync_flow(name, monkeypatch):
+    from prefect import Flow
+    from prefect.flows import load_flow_from_entrypoint
+
+    monkeypatch.chdir(ROOT)  # `prefect deploy` runs from the clone; entrypoints are relative to it
+    flow = load_flow_from_entrypoint(_deployments()[name]["entrypoint"])
+    assert isinstance(flow, Flow)
+    assert flow.name == "sync-contacts"
+    assert flow.isasync
+
+
+def test_deployments_share_one_process_pool_and_only_nightly_is_scheduled():
+    config = _config()
+    pools = config["definitions"]["work_pools"]
+    assert len(pools) == 1
+    (pool,) = pools.values()
+    deployments = _deployments()
+    assert set(deployments) == {"sync-contacts-nightly", "sync-contacts-adhoc"}
+    assert all(d["work_pool"] == pool for d in deployments.values())  # the YAML anchor, not a copy
+
+    nightly, adhoc = deployments["sync-contacts-nightly"], deployments["sync-contacts-adhoc"]
+    (schedule,) = nightly["schedules"]
+    assert schedule["cron"] == "0 2 * * *" and schedule["timezone"] and schedule["active"] is False
+    assert nightly["concurrency_limit"]["limit"] == 1
+    assert nightly["parameters"]["source"]
+    assert not adhoc["schedules"]
+    assert "source" not in adhoc["parameters"]  # asked for at each run
+
+
+def test_pull_step_takes_the_clone_from_the_environment_not_a_fixed_path():
+    (step,) = _config()["pull"]
+    directory = step["prefect.deployments.steps.set_working_directory"]["directory"]
+    assert directory == "{{ $APOLLO_SYNC_HOME }}"
+
+    from prefect.utilities.templating import apply_values
+
+    resolved = apply_values({"directory": directory}, {}, remove_notset=False)
+    assert resolved == {"directory": directory}  # unset: left for the worker to resolve at run time
+
+
+def test_no_parameter_in_prefect_yaml_is_unknown_to_the_flow():
+    properties = _schema()["properties"]
+    for deployment in _deployments().values():
+        assert set(deployment["parameters"]) <= set(properties), deployment["name"]
+
+
+def test_parameter_form_has_titles_descriptions_enums_and_bounds():
+    schema = _schema()
+    properties = schema["properties"]
+    assert schema["required"] == ["source"]
+    for name, prop in properties.items():
+        assert prop.get("title") and prop["title"] != name, f"{name} has no title of its own"
+        assert prop.get("description"), f"{name} has no description (Args: in the docstring)"
+    assert properties["auth"]["enum"] == ["auto", "bearer", "x-api-key"]
+    assert (properties["chunk_size"]["minimum"], properties["chunk_size"]["maximum"]) == (1, 100)
+    assert (properties["concurrency"]["minimum"], properties["concurrency"]["maximum"]) == (1, 32)
+    assert properties["chunk_size"]["default"] == 100
+    assert properties["api_key_block"]["default"] == "apollo-api-key"
+    assert properties["base_url"]["default"].startswith("https://")
+    assert "api_key" not in properties  # the key is never a parameter: it would be stored on the flow run
+
+
+def test_out_of_range_parameters_are_refused_before_the_run_starts():
+    from prefect.exceptions import ParameterTypeError
+    from prefect.flows import load_flow_from_entrypoint
+
+    flow = load_flow_from_entrypoint(str(ROOT / "flows" / "sync_contacts.py") + ":sync_contacts")
+    assert flow.validate_parameters({"source": "x.csv", "chunk_size": "50"})["chunk_size"] == 50
+    for bad in ({"chunk_size": 101}, {"concurrency": 0}, {"auth": "basic"}):
+        with pytest.raises(ParameterTypeError):
+            flow.validate_parameters({"source": "x.csv", **bad})
+
+
+def test_setup_reads_the_pool_name_from_prefect_yaml():
+    setup = _setup_module()
+    (pool,) = _config()["definitions"]["work_pools"].values()
+    assert setup.pool_name_from(PREFECT_YAML) == pool["name"]
+
+
+def test_setup_rate_limit_refills_at_the_requested_rate():
+    setup = _setup_module()
+    assert setup.rate_limit_for(60) == setup.RateLimit("apollo-sync-rate", limit=1, per_second=1.0)
+    rate = setup.rate_limit_for(600, "shared")
+    assert (rate.name, rate.limit, rate.per_second) == ("shared", 10, 10.0)
+    assert setup.rate_limit_for(30).limit == 1
+    with pytest.raises(setup.SetupError):
+        setup.rate_limit_for(0)
+
+
+def test_setup_without_the_key_in_the_environment_refuses_save_key(capsys):
+    setup = _setup_module()
+    assert setup.main(["--save-key"]) == 2  # no server needed: it stops before connecting
+    assert "APOLLO_API_KEY" in capsys.readouterr().err
+
+
+def test_example_automation_is_a_valid_automation_on_the_run_event():
+    from prefect.events.schemas.automations import AutomationCore
+
+    from tasks.artifacts import RUN_COMPLETED_EVENT, RUN_RESOURCE_PREFIX
+
+    data = yaml.safe_load(AUTOMATION.read_text(encoding="utf-8"))
+    automation = AutomationCore.model_validate(data)
+    trigger = automation.trigger
+    assert RUN_COMPLETED_EVENT in trigger.expect
+    assert trigger.match.root["prefect.resource.id"] == f"{RUN_RESOURCE_PREFIX}*"
+    assert trigger.match.root["apollo-sync.has-failures"] == "true"
