@@ -1,0 +1,222 @@
+"""The pacer, on a fake clock: budgets from both header families, in-flight accounting, resets, 429s, the cap."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from apollo_sync.client import RateInfo, WindowInfo
+from apollo_sync.pacing import Pacer
+
+
+class FakeClock:
+    """A clock that only moves when someone sleeps; sleeps are recorded."""
+
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def make_pacer(clock: FakeClock, **kw) -> Pacer:
+    return Pacer(clock=clock, sleep=clock.sleep, wall=clock, **kw)
+
+
+def gateway(limit: int, remaining: int, reset_after: float) -> RateInfo:
+    return RateInfo((WindowInfo("gateway", limit, remaining, reset_after),))
+
+
+def apollo(**windows: tuple[int, int]) -> RateInfo:
+    lengths = {"minute": 60.0, "hourly": 3600.0, "daily": 86400.0}
+    return RateInfo(tuple(WindowInfo(n, lim, left, None, lengths[n]) for n, (lim, left) in windows.items()))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_gateway_budget_is_spent_to_the_last_request_then_waits_for_reset():
+    clock = FakeClock()
+
+    async def scenario():
+        pacer = make_pacer(clock)
+        first = await pacer.acquire()
+        pacer.observe(gateway(12, 11, 0.8), first)
+        for _ in range(11):
+            await pacer.acquire()
+        assert clock.sleeps == []  # all 12 of the window's requests went out without waiting
+        await pacer.acquire()
+        return pacer
+
+    pacer = run(scenario())
+    assert clock.sleeps == [pytest.approx(0.8)]  # the 13th waited exactly until the window reset
+    assert pacer.snapshot()["gateway"]["left"] == 11
+
+
+def test_in_flight_requests_count_against_the_budget():
+    clock = FakeClock()
+
+    async def scenario():
+        pacer = make_pacer(clock)
+        tickets = [await pacer.acquire() for _ in range(4)]
+        # The first answer says 11 left; three requests sent after it are still in flight.
+        pacer.observe(gateway(12, 11, 0.5), tickets[0])
+        assert pacer.snapshot()["gateway"]["left"] == 8
+        # Answers out of order: a later request's answer said 8, the earlier one's 10 must not raise it.
+        pacer.observe(gateway(12, 8, 0.5), tickets[3])
+        pacer.observe(gateway(12, 10, 0.5), tickets[1])
+        assert pacer.snapshot()["gateway"]["left"] == 8
+        for _ in range(8):
+            await pacer.acquire()
+        assert clock.sleeps == []
+        await pacer.acquire()
+        assert clock.sleeps == [pytest.approx(0.5)]
+
+    run(scenario())
+
+
+def test_new_gateway_window_from_a_later_reset_and_stale_answers_ignored():
+    clock = FakeClock()
+
+    async def scenario():
+        pacer = make_pacer(clock)
+        t1 = await pacer.acquire()
+        pacer.observe(gateway(10, 0, 0.2), t1)
+        t2 = await pacer.acquire()  # waits for the reset
+        assert clock.sleeps == [pytest.approx(0.2)]
+        pacer.observe(gateway(10, 9, 1.0), t2)  # the next window (1 s long)
+        assert pacer.snapshot()["gateway"]["left"] == 9
+        pacer.observe(gateway(10, 0, 0.0), t1)  # a late answer from the old window: ignored
+        assert pacer.snapshot()["gateway"]["left"] == 9
+
+    run(scenario())
+
+
+def test_apollo_windows_are_clock_aligned_and_a_long_wait_is_logged(caplog):
+    clock = FakeClock(now=7_200.0 + 1_800.0)  # half past the hour, on a whole minute
+
+    async def scenario():
+        pacer = make_pacer(clock)
+        ticket = await pacer.acquire()
+        pacer.observe(apollo(minute=(200, 150), hourly=(400, 0)), ticket)
+        with caplog.at_level(logging.INFO, logger="apollo_sync.pacing"):
+            await pacer.acquire()
+        return pacer
+
+    pacer = run(scenario())
+    assert clock.sleeps == [pytest.approx(1_800.0)]  # the hourly window resets on the hour
+    messages = [r.getMessage() for r in caplog.records if r.name == "apollo_sync.pacing"]
+    assert len(messages) == 1 and "hourly" in messages[0] and "1800 s" in messages[0] and "400" in messages[0]
+    snap = pacer.snapshot()
+    assert snap["hourly"]["left"] == 399 and snap["minute"]["left"] == 199
+
+
+def test_apollo_answer_from_a_previous_window_is_ignored():
+    clock = FakeClock(now=600.0 + 59.0)
+
+    async def scenario():
+        pacer = make_pacer(clock)
+        t1 = await pacer.acquire()
+        pacer.observe(apollo(minute=(5, 4)), t1)
+        t2 = await pacer.acquire()
+        clock.now += 2.0  # the minute turned; t2's answer arrives late with the old count
+        t3 = await pacer.acquire()
+        pacer.observe(apollo(minute=(5, 0)), t2)
+        assert pacer.snapshot()["minute"]["left"] == 4  # 5 in the new minute, minus t3
+        pacer.observe(apollo(minute=(5, 4)), t3)
+        assert pacer.snapshot()["minute"]["left"] == 4
+
+    run(scenario())
+
+
+def test_429_pauses_everyone_and_re_anchors_the_spent_apollo_window():
+    clock = FakeClock(now=6_000.0 + 10.0)  # 10 s into a minute by the wall clock
+
+    async def scenario():
+        pacer = make_pacer(clock)
+        t = await pacer.acquire()
+        pacer.observe(apollo(minute=(3, 2)), t)
+        # The server's minute is not aligned with ours: it says spent, come back in 25 s.
+        pacer.on_429(25.0, apollo(minute=(3, 0)))
+        await pacer.acquire()
+        assert clock.sleeps == [pytest.approx(25.0)]
+        for _ in range(2):
+            await pacer.acquire()
+        await pacer.acquire()  # the 4th of the new window waits a whole minute from the re-anchored reset
+        assert clock.sleeps == [pytest.approx(25.0), pytest.approx(60.0)]
+
+    run(scenario())
+
+
+def test_429_without_retry_after_pauses_a_default():
+    clock = FakeClock()
+
+    async def scenario():
+        pacer = make_pacer(clock)
+        pacer.on_429(None)
+        await pacer.acquire()
+
+    run(scenario())
+    assert clock.sleeps == [pytest.approx(1.0)]
+
+
+def test_max_rpm_spaces_requests_when_no_headers_come():
+    clock = FakeClock()
+
+    async def scenario():
+        pacer = make_pacer(clock, max_rpm=120)
+        for _ in range(5):
+            await pacer.acquire()
+
+    run(scenario())
+    assert clock.sleeps == [pytest.approx(0.5)] * 4
+
+
+def test_spent_window_without_reset_information_probes_after_a_pause():
+    clock = FakeClock()
+
+    async def scenario():
+        pacer = make_pacer(clock)
+        t = await pacer.acquire()
+        pacer.observe(RateInfo((WindowInfo("gateway", None, 0, None),)), t)
+        await pacer.acquire()
+
+    run(scenario())
+    assert clock.sleeps == [pytest.approx(1.0)]
+
+
+def test_concurrent_acquires_never_exceed_the_window():
+    """Many coroutines share one pacer; per fake-clock window no more than the limit is handed out."""
+    clock = FakeClock(now=0.0)
+    handed: list[float] = []
+
+    async def scenario():
+        pacer = make_pacer(clock)
+        t = await pacer.acquire()
+        handed.append(clock.now)
+        pacer.observe(gateway(5, 4, 1.0), t)
+
+        async def worker():
+            for _ in range(10):
+                ticket = await pacer.acquire()
+                handed.append(clock.now)
+                remaining = 5 - sum(1 for x in handed if int(x) == int(clock.now))
+                pacer.observe(gateway(5, max(remaining, 0), 1.0 - (clock.now % 1.0)), ticket)
+
+        await asyncio.gather(*(worker() for _ in range(4)))
+
+    run(scenario())
+    per_window: dict[int, int] = {}
+    for x in handed:
+        per_window[int(x + 1e-9)] = per_window.get(int(x + 1e-9), 0) + 1
+    assert max(per_window.values()) <= 5
+    assert sum(per_window.values()) == 41
+    assert len(per_window) == 9  # 41 requests at 5 a window: 9 windows, none wasted
