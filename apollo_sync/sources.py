@@ -267,7 +267,6 @@ def _sha256_file(path: Path) -> str:
 def _scan(target: str | Path, fmt: str, head_text: str, options: SourceOptions, shown: str,
           storage_options: dict[str, str] | None = None) -> pl.LazyFrame:
     """The polars scan for one file or object, every column turned to text, blank rows dropped."""
-    remote = storage_options is not None
     try:
         if fmt in ("csv", "tsv"):
             delimiter = _delimiter(options.delimiter, fmt, head_text, target, storage_options)
@@ -280,8 +279,7 @@ def _scan(target: str | Path, fmt: str, head_text: str, options: SourceOptions, 
         elif fmt == "json":
             if head_text and not head_text.lstrip().startswith("["):
                 raise InputError(f"{shown} is not a JSON array of objects: pass --format ndjson if it has one object per line")
-            json_options = {"storage_options": storage_options} if remote else {}
-            frame = _as_text(pl.read_json(target, infer_schema_length=None, **json_options).lazy())
+            frame = _as_text(pl.read_json(target, infer_schema_length=None).lazy())
         else:  # xlsx: the first sheet, every cell as text
             frame = pl.read_excel(target, sheet_id=1, infer_schema_length=0, drop_empty_cols=False,
                                   raise_if_empty=False).lazy()
@@ -388,6 +386,8 @@ def _read_remote(spec: str, scheme: str, options: SourceOptions) -> Source:
     parts = urlsplit(spec)
     name = Path(parts.path).name or parts.netloc
     fmt = _file_format(name, options)
+    if fmt in ("json", "xlsx"):
+        raise InputError(f"{fmt} is read from local files only: download {name} first, or use CSV, NDJSON or Parquet")
     if _codec(options.encoding).name != "utf-8":
         raise InputError(f"--encoding {options.encoding} works only for local files: download {name} first")
     storage_options = _storage_options(scheme)
@@ -615,6 +615,21 @@ def _scheme(spec: str) -> str:
 # --- Spill files ---------------------------------------------------------------------------------------
 
 _spill_dir: str | None = None
+
+
+def discard_spill_files() -> int:
+    """Delete this process's spill files (transcoded text, SQL results); return how many were removed.
+
+    Call it when the frames of a run are no longer needed (a long-lived worker serving many runs); frames
+    read from them fail afterwards. Spill files are removed at process exit in any case.
+    """
+    if _spill_dir is None or not os.path.isdir(_spill_dir):
+        return 0
+    removed = 0
+    for entry in os.scandir(_spill_dir):
+        os.unlink(entry.path)
+        removed += 1
+    return removed
 
 
 def _spill_path(suffix: str) -> Path:

@@ -275,3 +275,19 @@ def test_sql_errors(tmp_path, sources):
 
 def test_unsupported_scheme():
     assert "unsupported" in bad("ftp://example.com/c.csv")
+
+
+def test_spill_files_are_private_and_discardable(tmp_path):
+    from apollo_sync.sources import discard_spill_files
+
+    discard_spill_files()
+    path = write_csv(tmp_path / "l.csv", rows=[["rene@example.com", "René", None, None, None, None]], encoding="latin-1")
+    source = read_source(str(path), SourceOptions(encoding="latin-1"))
+    assert source.frame.collect()["first_name"].to_list() == ["René"]
+    assert discard_spill_files() == 1
+    with pytest.raises(Exception):
+        source.frame.collect()
+
+
+def test_remote_json_is_refused_with_advice():
+    assert "local files only" in bad("s3://bucket/contacts.json")
