@@ -1,0 +1,193 @@
+"""The loader against the sandbox: chunks, outcomes, retries with forced dedupe, bisection, auth stop, the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import polars as pl
+import pytest
+from loader_helpers import make_contacts, plan_and_load, stored_emails
+
+from apollo_sync.client import ApolloClient
+from apollo_sync.errors import AuthError, InputError
+from apollo_sync.ledger import Ledger, target_for
+from apollo_sync.loader import OUTCOMES_SCHEMA, LoadSession
+from apollo_sync.pacing import Pacer
+
+FAST = dict(backoff_base=0.01, backoff_max=0.05)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_loads_every_row_once_in_chunks_of_at_most_chunk_size(sandbox, tmp_path):
+    contacts = make_contacts(250)
+    result, session, _ = run(plan_and_load(sandbox.gateway_base_url, contacts, tmp_path, labels=["Q4"], chunk_size=100))
+    assert result.outcomes.schema == pl.Schema(OUTCOMES_SCHEMA)
+    assert sorted(result.outcomes["source_row"].to_list()) == list(range(1, 251))
+    assert set(result.outcomes["outcome"]) == {"created"}
+    assert result.outcomes["apollo_id"].null_count() == 0
+    assert sorted(stored_emails(sandbox)) == sorted(contacts["email"])
+    stats = sandbox.stats()
+    assert stats["requests"] == 3 and stats["max_contacts_in_request"] == 100
+    assert all(c["label_names"] == ["Q4"] for c in sandbox.contacts())
+    assert session.stats.chunks == 3 and session.stats.created == 250 and session.stats.requests == 3
+    # Each row's Apollo id is the stored contact's id for that email.
+    ids = {c["email"]: c["id"] for c in sandbox.contacts()}
+    assert all(ids[e] == i for e, i in zip(result.outcomes["email"], result.outcomes["apollo_id"]))
+
+
+def test_a_second_run_with_the_same_ledger_sends_nothing(sandbox, tmp_path):
+    contacts = make_contacts(120)
+    run(plan_and_load(sandbox.gateway_base_url, contacts, tmp_path))
+    result, session, unchanged = run(plan_and_load(sandbox.gateway_base_url, contacts, tmp_path))
+    assert session.stats.requests == 0 and result.outcomes.height == 0 and unchanged.height == 120
+    assert sandbox.stats()["requests"] == 2
+    # Changed content goes again, with dedupe, and does not duplicate.
+    changed = make_contacts(120, title="Director")
+    result, session, unchanged = run(plan_and_load(sandbox.gateway_base_url, changed, tmp_path, run_dedupe=False))
+    assert set(result.outcomes["outcome"]) == {"existing"} and unchanged.height == 0
+    assert session.stats.dedupe_forced == session.stats.requests == 2
+    assert len(stored_emails(sandbox)) == 120
+
+
+def test_full_refresh_sends_again_without_duplicates(sandbox, tmp_path):
+    contacts = make_contacts(30)
+    run(plan_and_load(sandbox.gateway_base_url, contacts, tmp_path))
+    result, _, _ = run(plan_and_load(sandbox.gateway_base_url, contacts, tmp_path, full_refresh=True, run_dedupe=False))
+    assert set(result.outcomes["outcome"]) == {"existing"}
+    assert len(stored_emails(sandbox)) == 30
+
+
+def test_unknown_outcome_retries_with_dedupe_even_when_the_user_turned_it_off(sandbox_factory, tmp_path):
+    sb = sandbox_factory(fail_after_store=1.0)  # every request stores, then answers 500
+    result, session, _ = run(plan_and_load(sb.gateway_base_url, make_contacts(150), tmp_path, run_dedupe=False, max_attempts=3, **FAST))
+    assert set(result.outcomes["outcome"]) == {"unconfirmed"}
+    assert result.outcomes["reason"].str.contains("500").all()
+    assert sorted(stored_emails(sb)) == sorted(make_contacts(150)["email"])  # stored once despite 3 attempts
+    assert session.stats.requests == 6 and session.stats.retries == 4 and session.stats.dedupe_forced == 4
+    assert Ledger.open(tmp_path).status_counts(target_for(sb.gateway_base_url)) == {"pending": 150}
+
+
+def test_unconfirmed_rows_land_exactly_once_on_the_next_run(sandbox_factory, tmp_path):
+    sb = sandbox_factory(fail_after_store=0.5, seed=3)  # half the requests store, then answer 500
+    contacts = make_contacts(100)
+    first, _, _ = run(plan_and_load(sb.gateway_base_url, contacts, tmp_path, run_dedupe=False, chunk_size=10, max_attempts=1))
+    unconfirmed = first.outcomes.filter(pl.col("outcome") == "unconfirmed")["source_row"].to_list()
+    assert 0 < len(unconfirmed) < 100
+    assert len(stored_emails(sb)) == 100  # stored, but the answers said 500
+    second, session, unchanged = run(plan_and_load(sb.gateway_base_url, contacts, tmp_path, run_dedupe=False, chunk_size=10, **FAST))
+    assert sorted(second.outcomes["source_row"].to_list()) == unconfirmed  # only what was not confirmed
+    assert set(second.outcomes["outcome"]) == {"existing"} and unchanged.height == 100 - len(unconfirmed)
+    assert session.stats.dedupe_forced == session.stats.requests  # pending rows always go with dedupe
+    assert sorted(stored_emails(sb)) == sorted(contacts["email"])
+
+
+def test_422_bisects_to_the_offending_rows_and_the_rest_land(sandbox, tmp_path):
+    contacts = make_contacts(100, bad_rows=(17, 64))
+    result, session, _ = run(plan_and_load(sandbox.gateway_base_url, contacts, tmp_path))
+    failed = result.outcomes.filter(pl.col("outcome") == "failed")
+    assert failed["source_row"].to_list() == [17, 64]
+    assert failed["reason"].str.contains("422").all() and failed["reason"].str.contains("must be a string").all()
+    assert result.outcomes.filter(pl.col("outcome") == "created").height == 98
+    assert len(stored_emails(sandbox)) == 98
+    assert session.stats.bisections >= 2 and session.stats.failed == 2
+    counts = Ledger.open(tmp_path).status_counts(target_for(sandbox.gateway_base_url))
+    assert counts == {"created": 98, "failed": 2}
+
+
+def test_401_stops_at_once_with_an_outcome_for_every_row(sandbox, tmp_path):
+    contacts = make_contacts(1000)
+    with pytest.raises(AuthError) as info:
+        run(plan_and_load(sandbox.gateway_base_url, contacts, tmp_path, key="wrong", concurrency=3))
+    assert sandbox.stats()["requests"] <= 3  # the first wave only; no chunk after it
+    outcomes = info.value.result.outcomes
+    assert sorted(outcomes["source_row"].to_list()) == list(range(1, 1001))
+    assert set(outcomes["outcome"]) == {"failed"}
+    assert outcomes["reason"].str.contains("not sent").all()
+    assert sandbox.contacts() == []
+
+
+def test_refused_connection_fails_rows_as_not_landed(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result, session, _ = run(plan_and_load(f"http://127.0.0.1:{port}/apis/v1/apollo", make_contacts(5), tmp_path, max_attempts=2, **FAST))
+    assert set(result.outcomes["outcome"]) == {"failed"} and session.stats.dropped == 2
+    assert result.outcomes["reason"].str.contains("gave up after 2 attempts").all()
+
+
+def test_429_waits_and_retries_within_the_budget(sandbox_factory, tmp_path):
+    sb = sandbox_factory(burst_429=0.3, seed=7)
+    contacts = make_contacts(1000)
+    result, session, _ = run(plan_and_load(sb.gateway_base_url, contacts, tmp_path, chunk_size=50))
+    assert set(result.outcomes["outcome"]) == {"created"}
+    assert session.stats.http_429 == sb.stats()["status_counts"].get("429", 0) > 0
+    assert len(stored_emails(sb)) == 1000
+
+
+def test_hooks_are_called_and_stats_accumulate_over_calls(sandbox, tmp_path):
+    done, before = [], []
+
+    async def before_request():
+        before.append(1)
+
+    async def scenario():
+        ledger = Ledger.open(tmp_path)
+        target = target_for(sandbox.gateway_base_url)
+        async with ApolloClient(sandbox.gateway_base_url, "sandbox-key") as client:
+            session = LoadSession(client, Pacer(), ledger, target=target, chunk_size=10, run_id="r",
+                                  before_request=before_request, on_chunk_done=done.append)
+            to_send, _ = ledger.plan(target, make_contacts(45))
+            chunks = session.make_chunks(to_send)
+            first = await session.load(chunks[:2])
+            second = await session.load(chunks[2:])
+        return session, first, second, chunks
+
+    session, first, second, chunks = run(scenario())
+    assert [len(c) for c in chunks] == [10, 10, 10, 10, 5]
+    assert first.stats.requests == 2 and second.stats.requests == 3 and session.stats.requests == 5
+    assert len(before) == 5 and sorted(r.chunk for r in done) == [c.number for c in chunks]
+    assert sum(r.outcomes.height for r in done) == 45
+
+
+def test_must_dedupe_rows_are_chunked_apart_and_sent_with_dedupe():
+    seen: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append(body)
+        return httpx.Response(200, json={"created_contacts": [json.loads(json.dumps(c)) | {"id": c["email"]} for c in body["contacts"]]})
+
+    contacts = make_contacts(6).with_columns(must_dedupe=pl.Series([False, True, False, True, True, False]))
+
+    async def scenario():
+        async with ApolloClient("https://gw.test/apis/v1/apollo", "k", transport=httpx.MockTransport(handler)) as client:
+            session = LoadSession(client, Pacer(), None, target="t", run_dedupe=False, chunk_size=2)
+            chunks = session.make_chunks(contacts)
+            return chunks, await session.load(chunks)
+
+    chunks, result = run(scenario())
+    assert [(c.must_dedupe, c.rows["source_row"].to_list()) for c in chunks] == [
+        (False, [1, 3]), (False, [6]), (True, [2, 4]), (True, [5])]
+    flags = {tuple(c["email"] for c in body["contacts"]): body["run_dedupe"] for body in seen}
+    assert flags == {("u1@example.com", "u3@example.com"): False, ("u6@example.com",): False,
+                     ("u2@example.com", "u4@example.com"): True, ("u5@example.com",): True}
+    assert sorted(result.outcomes["source_row"].to_list()) == [1, 2, 3, 4, 5, 6]
+
+
+def test_bad_settings_and_missing_columns_are_input_errors():
+    async def scenario():
+        async with ApolloClient("https://gw.test/apis/v1/apollo", "k") as client:
+            with pytest.raises(InputError, match="chunk size"):
+                LoadSession(client, Pacer(), None, target="t", chunk_size=101)
+            session = LoadSession(client, Pacer(), None, target="t")
+            with pytest.raises(InputError, match="payload"):
+                session.make_chunks(pl.DataFrame({"source_row": [1], "identity": ["x"]}))
+
+    run(scenario())
