@@ -1,0 +1,156 @@
+"""Issue 5's Done-when, on a fresh local Prefect server: setup, `prefect deploy --all`, a process worker, a run.
+
+The worker has no APOLLO_API_KEY: the flow must take the key from the Secret block that setup.py saved. The
+sandbox (a real HTTP server in this process) stands in for Apollo; the run must land every valid email, leave
+progress, summary and problems artifacts, and write the key in no log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from apollo_sync.sandbox import SandboxConfig, SandboxServer
+
+from prefect_server import ROOT, PrefectServer, prefect_cli, stop_process
+
+pytestmark = pytest.mark.e2e
+
+POOL = "apollo-sync"
+SECRET_BLOCK = "apollo-api-key"
+ADHOC = "sync-contacts/sync-contacts-adhoc"
+NIGHTLY = "sync-contacts/sync-contacts-nightly"
+RUN_TIMEOUT = 120.0
+VALID = 250
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float = 120) -> str:
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{cmd} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def _write_export(path: Path) -> set[str]:
+    lines = ["First Name,Last Name,Email Address,Company,Job Title"]
+    lines += [f"P{i},Tester,person{i}@example.com,Acme {i % 5},Buyer" for i in range(VALID)]
+    lines += ["Bad,Email,not-an-email,Acme,", ",,,Acme,"]  # one invalid email, one row with no identity
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {f"person{i}@example.com" for i in range(VALID)}
+
+
+async def _wait_final(server: PrefectServer, flow_run_id: str):
+    async with server.client() as client:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while True:
+            run = await client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            assert time.monotonic() < deadline, f"flow run still {run.state.name if run.state else None} after {RUN_TIMEOUT}s"
+            await asyncio.sleep(0.5)
+
+
+async def _artifacts_and_logs(server: PrefectServer, flow_run_id: str):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    async with server.client() as client:
+        artifacts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        logs, offset = [], 0
+        while page := await client.read_logs(
+            LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200, offset=offset
+        ):
+            logs += page
+            offset += len(page)
+    return artifacts, logs
+
+
+async def _deployments(server: PrefectServer):
+    async with server.client() as client:
+        return {name: await client.read_deployment_by_name(name) for name in (ADHOC, NIGHTLY)}
+
+
+async def _rate_limit(server: PrefectServer, name: str):
+    async with server.client() as client:
+        return await client.read_global_concurrency_limit_by_name(name)
+
+
+def test_deploy_all_and_a_worker_run_lands_every_contact_with_the_key_from_the_secret_block(prefect_server, tmp_path):
+    with SandboxServer(SandboxConfig()) as sandbox:
+        key = sandbox.config.api_key
+        env = prefect_server.env()
+
+        # 1. setup.py, twice: the second run must change nothing
+        setup = [sys.executable, "deployments/setup.py", "--save-key", "--rate-per-minute", "600"]
+        first = _run(setup, env | {"APOLLO_API_KEY": key})
+        second = _run(setup, env | {"APOLLO_API_KEY": key})
+        assert f"work pool '{POOL}' (process): created" in first
+        assert "already there" in second and "already holds this key" in second
+        assert key not in first + second
+        limit = asyncio.run(_rate_limit(prefect_server, "apollo-sync-rate"))
+        assert (limit.limit, limit.slot_decay_per_second) == (10, 10.0)
+
+        # 2. prefect deploy --all from the repo's prefect.yaml (APOLLO_SYNC_HOME unset: resolved by the worker)
+        deployed = _run(prefect_cli("--no-prompt", "deploy", "--all"), env)
+        assert "sync-contacts-adhoc" in deployed and "sync-contacts-nightly" in deployed
+        deployments = asyncio.run(_deployments(prefect_server))
+        nightly, adhoc = deployments[NIGHTLY], deployments[ADHOC]
+        assert [s.active for s in nightly.schedules] == [False]
+        assert nightly.schedules[0].schedule.cron == "0 2 * * *"
+        assert nightly.global_concurrency_limit is not None and nightly.global_concurrency_limit.limit == 1
+        assert not adhoc.schedules
+        assert adhoc.pull_steps == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $APOLLO_SYNC_HOME }}"}}
+        ]
+        assert adhoc.work_pool_name == nightly.work_pool_name == POOL
+
+        # 3. a process worker from the clone, without the key in its environment
+        worker_log = tmp_path / "worker.log"
+        worker_env = env | {"APOLLO_SYNC_HOME": str(ROOT), "PREFECT_WORKER_QUERY_SECONDS": "1"}
+        assert "APOLLO_API_KEY" not in worker_env
+        with worker_log.open("wb") as log:
+            worker = subprocess.Popen(
+                prefect_cli("worker", "start", "--pool", POOL, "--type", "process"),
+                env=worker_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        try:
+            # 4. run the ad hoc deployment with parameters pointing at the sandbox
+            expected = _write_export(tmp_path / "export.csv")
+            report_dir = tmp_path / "report"
+            started = _run(
+                prefect_cli(
+                    "deployment", "run", ADHOC,
+                    "--param", f"source={tmp_path / 'export.csv'}",
+                    "--param", f"base_url={sandbox.gateway_base_url}",
+                    "--param", f"report_dir={report_dir}",
+                    "--param", f"state_dir={tmp_path / 'state'}",
+                ),
+                env,
+            )  # fmt: skip
+            flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", started).group(1)
+            run = asyncio.run(_wait_final(prefect_server, flow_run_id))
+        finally:
+            stop_process(worker)
+        worker_output = worker_log.read_text(errors="replace")
+        assert run.state.is_completed(), f"{run.state}\n{worker_output[-4000:]}"
+
+        # 5. every valid email landed, once
+        stored = sorted(c["email"] for c in sandbox.contacts())
+        assert stored == sorted(expected)
+        assert (report_dir / "summary.json").exists()
+
+    # 6. artifacts exist; the key is in no log line, artifact, parameter or worker output
+    artifacts, logs = asyncio.run(_artifacts_and_logs(prefect_server, flow_run_id))
+    by_key = {a.key: a for a in artifacts}
+    assert {"apollo-sync-progress", "apollo-sync-summary", "apollo-sync-problems"} <= set(by_key)
+    assert float(by_key["apollo-sync-progress"].data) == 100.0
+    assert f"| created | {VALID} |" in by_key["apollo-sync-summary"].data
+    assert logs, "the flow run sent no logs to the API"
+    assert not [log.message for log in logs if key in log.message]
+    assert not [a.key for a in artifacts if key in str(a.data)]
+    assert key not in str(run.parameters)
+    assert key not in worker_output
