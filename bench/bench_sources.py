@@ -9,6 +9,7 @@ each scenario in a fresh child process and reports wall time and peak RSS (VmHWM
   stream_count       read_source() + streaming-engine count of rows and distinct emails
   identity_pass      read_source() + collect only (source_row, lower(email)) and keep first per email:
                      the global dedupe key set a batched transform needs
+  identity_hash      the same with a 64-bit hash of the key instead of the text (8 bytes a row)
   batches            read_source() + collect_batches() over the whole frame, one batch in memory at a time
   read_latin1        read_source(encoding=latin-1): the same pass plus transcoding into a UTF-8 spill file
   collect_all        read_source() + frame.collect(): what a transform that collects everything costs
@@ -61,6 +62,14 @@ from apollo_sync.sources import read_source
 src = read_source(PATH)
 keys = (src.frame.select("source_row", pl.col("email").str.strip_chars().str.to_lowercase().alias("key"))
         .group_by("key").agg(pl.col("source_row").min()).collect(engine="streaming"))
+result = {"distinct_keys": keys.height}
+""",
+    "identity_hash": """
+import polars as pl
+from apollo_sync.sources import read_source
+src = read_source(PATH)
+key = pl.col("email").str.strip_chars().str.to_lowercase().hash(seed=0).alias("key")
+keys = src.frame.select("source_row", key).group_by("key").agg(pl.col("source_row").min()).collect(engine="streaming")
 result = {"distinct_keys": keys.height}
 """,
     "batches": """
