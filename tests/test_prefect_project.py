@@ -36,7 +36,8 @@ def _setup_module():
 def _schema() -> dict:
     from prefect.flows import load_flow_from_entrypoint
 
-    flow = load_flow_from_entrypoint(str(ROOT / _deployments()["sync-contacts-adhoc"]["entrypoint"]))
+    entrypoint = str(ROOT / _deployments()["sync-contacts-adhoc"]["entrypoint"])
+    flow = load_flow_from_entrypoint(entrypoint, use_placeholder_flow=False)
     return flow.parameters.model_dump_for_openapi()
 
 
@@ -46,7 +47,9 @@ def test_every_entrypoint_imports_and_is_the_sync_flow(name, monkeypatch):
     from prefect.flows import load_flow_from_entrypoint
 
     monkeypatch.chdir(ROOT)  # `prefect deploy` runs from the clone; entrypoints are relative to it
-    flow = load_flow_from_entrypoint(_deployments()[name]["entrypoint"])
+    # no placeholder: `prefect deploy` would fall back to one built from the source text when the import fails,
+    # and deploy a form without titles or the defaults that come from settings
+    flow = load_flow_from_entrypoint(_deployments()[name]["entrypoint"], use_placeholder_flow=False)
     assert isinstance(flow, Flow)
     assert flow.name == "sync-contacts"
     assert flow.isasync
@@ -107,7 +110,7 @@ def test_out_of_range_parameters_are_refused_before_the_run_starts():
     from prefect.exceptions import ParameterTypeError
     from prefect.flows import load_flow_from_entrypoint
 
-    flow = load_flow_from_entrypoint(str(ROOT / "flows" / "sync_contacts.py") + ":sync_contacts")
+    flow = load_flow_from_entrypoint(str(ROOT / "flows" / "sync_contacts.py") + ":sync_contacts", use_placeholder_flow=False)
     assert flow.validate_parameters({"source": "x.csv", "chunk_size": "50"})["chunk_size"] == 50
     for bad in ({"chunk_size": 101}, {"concurrency": 0}, {"auth": "basic"}):
         with pytest.raises(ParameterTypeError):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from apollo_sync import settings
 from apollo_sync.sandbox import SandboxConfig, SandboxServer
 
 from prefect_server import ROOT, PrefectServer, prefect_cli, stop_process
@@ -107,6 +108,8 @@ def test_deploy_all_and_a_worker_run_lands_every_contact_with_the_key_from_the_s
             {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $APOLLO_SYNC_HOME }}"}}
         ]
         assert adhoc.work_pool_name == nightly.work_pool_name == POOL
+        # the imported flow's form, not the placeholder `prefect deploy` falls back to when the import fails
+        assert adhoc.parameter_openapi_schema["properties"]["base_url"]["default"] == settings.GATEWAY_BASE_URL
 
         # 3. a process worker from the clone, without the key in its environment
         worker_log = tmp_path / "worker.log"
