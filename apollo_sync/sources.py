@@ -461,9 +461,11 @@ def _read_sql(spec: str, scheme: str, options: SourceOptions) -> Source:
     else:
         uri = _postgres_uri(spec)
         description = f"postgresql {what}"
-    key = "\0".join([shown, query, options.cursor_column or "", options.cursor_after or ""])
-    fingerprint = hashlib.sha256(key.encode()).hexdigest()
     spill, cursor_max = _spill_query(spec, kind, query, options, shown)
+    # URL (no password) + query + cursor, as planned, plus the rows themselves (the spill file is written
+    # deterministically): a table that changed under the same query must not hit a cached transform.
+    key = "\0".join([shown, query, options.cursor_column or "", options.cursor_after or "", _sha256_file(spill)])
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()
     if options.cursor_column and cursor_max is None:
         cursor_max = options.cursor_after
     frame = _numbered(pl.scan_parquet(spill).filter(~pl.all_horizontal(pl.all().is_null())))

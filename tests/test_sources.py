@@ -188,6 +188,20 @@ def test_sqlite_query_with_cursor(tmp_path):
     by_date = read_source(spec, SourceOptions(query="people", cursor_column="updated", cursor_after="2024-01-01"))
     assert collect(by_date)["id"].to_list() == ["2", "10"] and by_date.cursor_max == "2024-01-03"
     assert first.uri == f"sqlite://{db.resolve()}"
+    assert read_source(spec, SourceOptions(query="people")).fingerprint == read_source(spec, SourceOptions(query="people")).fingerprint
+
+
+def test_sqlite_fingerprint_follows_table_content(tmp_path):
+    db = tmp_path / "c.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE people (email TEXT)")
+        conn.execute("INSERT INTO people VALUES ('a@x.com')")
+    conn.close()
+    before = read_source(f"sqlite:///{db}", SourceOptions(query="people")).fingerprint
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE people SET email = 'b@x.com'")
+    conn.close()
+    assert read_source(f"sqlite:///{db}", SourceOptions(query="people")).fingerprint != before
 
 
 # --- Bad input: one line, says what to do ----------------------------------------------------------------
