@@ -268,9 +268,11 @@ def test_directory(tmp_path):
     assert "is a directory" in bad(str(tmp_path))
 
 
-def test_ragged_csv(tmp_path):
+def test_ragged_csv_fails_in_read_source_even_far_down(tmp_path):
     (tmp_path / "r.csv").write_text("email,name\na@x.com,A,extra,fields\n")
-    assert "cannot read" in bad(str(tmp_path / "r.csv"))
+    assert "more fields than the header" in bad(str(tmp_path / "r.csv"))
+    (tmp_path / "far.csv").write_text("email,name\n" + "a@x.com,A\n" * 5000 + "b@x.com,B,extra\n")
+    assert "more fields than the header" in bad(str(tmp_path / "far.csv"))
 
 
 def test_json_that_is_not_an_array(tmp_path):
