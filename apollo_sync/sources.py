@@ -199,7 +199,10 @@ def _checked_text(path: Path, head: bytes, encoding: str) -> tuple[Path, str, st
     UTF-8 spill file, since polars reads only UTF-8. Returns (path to scan, sha256 of the original bytes, head text).
     """
     codec = _codec(encoding)
-    if _looks_binary(head):
+    wide = codec.name.startswith(("utf-16", "utf-32"))
+    if not wide and head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise InputError(f"{path} is UTF-16 text (Excel's 'Unicode Text'): pass --encoding utf-16")
+    if not wide and _looks_binary(head):
         raise InputError(f"{path} looks like binary data, not {path.suffix.lstrip('.') or 'text'}: check the path, or pass --format")
     utf8 = codec.name == "utf-8"
     decoder = codecs.getincrementaldecoder("utf-8-sig" if utf8 else codec.name)("strict")

@@ -132,6 +132,14 @@ def test_encodings(tmp_path, encoding):
     assert frame.row(0) == (1, *rows[0])
 
 
+def test_utf16_is_recognised_and_readable(tmp_path):
+    path = tmp_path / "unicode.txt"
+    path.write_bytes("email\tfirst_name\r\nrene@example.com\tRené\r\n".encode("utf-16"))
+    assert "--encoding utf-16" in bad(str(path), SourceOptions(format="tsv"))
+    frame = collect(read_source(str(path), SourceOptions(format="tsv", encoding="utf-16")))
+    assert frame.rows() == [(1, "rene@example.com", "René")]
+
+
 def test_cp1252_curly_quotes_decoded(tmp_path):
     path = tmp_path / "c.csv"
     path.write_bytes("email,organization_name\na@x.com,\u201cQuoted\u201d \u20ac Ltd\n".encode("cp1252"))
@@ -262,6 +270,18 @@ def test_unreadable_file(tmp_path):
     path = write_csv(tmp_path / "c.csv")
     path.chmod(0)
     assert "cannot read" in bad(str(path))
+
+
+def test_unopenable_path(tmp_path):
+    """A path that exists but cannot be opened (a Unix socket: fails even for root)."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "c.csv"))
+    try:
+        assert "cannot read" in bad(str(tmp_path / "c.csv"))
+    finally:
+        sock.close()
 
 
 def test_directory(tmp_path):
