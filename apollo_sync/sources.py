@@ -21,7 +21,12 @@ one :class:`~apollo_sync.errors.InputError` line before anything is sent; passwo
 Why ADBC rather than connectorx for SQL: ADBC streams Arrow record batches (``fetch_record_batch``), so a large
 table goes to the spill file batch by batch instead of into memory whole; its errors are typed DB-API
 exceptions with SQLSTATE, which lets a bad query and an unreachable server get different messages; and the
-PostgreSQL driver is libpq, so every libpq URL option (sslmode, ...) works as users expect.
+PostgreSQL driver is libpq, so every libpq URL option (sslmode, ...) works as users expect. The batches are
+taken from the DB-API cursor rather than ``pl.read_database`` because PostgreSQL NUMERIC arrives as an Arrow
+extension type that polars cannot cast, while its Arrow storage is already the exact decimal text.
+
+Fingerprints: local files hash their bytes (plus the options that change the frame); SQL hashes the URL without
+password, the query, the cursor and the rows read; s3/https objects hash their rows in one streaming pass.
 """
 
 from __future__ import annotations
