@@ -7,7 +7,9 @@ holds the client, the pacer, the ledger and cumulative :class:`LoadStats`. For e
 * 429: wait as the pacer says (``Retry-After``) and retry; these retries have their own, larger bound.
 * 5xx, timeouts, dropped connections: retry with exponential backoff and jitter, up to ``max_attempts``. The
   request may have landed, so every later attempt of those rows runs with ``run_dedupe`` true, whatever the user
-  chose: no second contact is created.
+  chose: no second contact is created. After a timeout or a dropped connection the retry waits at least
+  ``settle_seconds`` (default twice the client timeout), so a server still processing the first request has
+  stored it before the retry's dedupe looks (a server slower than that could still race a retry).
 * 401/403: raise ``AuthError`` at once; no further request is sent by this session. The exception carries
   ``result`` (a :class:`GroupResult` with an outcome for every row of the call).
 * 400/413/422: split the chunk in halves until the offending contacts are isolated; they are ``failed`` with the
@@ -52,6 +54,9 @@ MAX_RATE_LIMITED = 50
 """429 answers one request may get before its rows are given up as failed."""
 BACKOFF_BASE = 0.5
 BACKOFF_MAX = 30.0
+SETTLE_FACTOR = 2.0
+"""After a timeout or a dropped connection, wait at least this many client timeouts before retrying: a server
+still working on the first request then has finished, and the retry's dedupe finds what it stored."""
 BISECT_STATUSES = frozenset({400, 413, 422})
 RETRY_STATUSES = frozenset({408, 425})
 """Besides 5xx: client-side statuses worth retrying (their outcome is treated as unknown)."""
@@ -158,7 +163,8 @@ class _Call:
 class LoadSession:
     """Loads chunks for one run; see the module docstring for the rules.
 
-    ``client`` must already be open (``async with ApolloClient(...)``). ``ledger`` may be None (nothing is
+    ``client`` must already be open (``async with ApolloClient(...)``); ``settle_seconds`` defaults to
+    ``SETTLE_FACTOR`` times its timeout. ``ledger`` may be None (nothing is
     remembered). ``before_request`` is awaited before every HTTP request (the flow passes a Prefect global
     rate-limit acquire); ``on_chunk_done(ChunkResult)`` is called (and awaited if it returns an awaitable) after
     each chunk.
@@ -181,6 +187,7 @@ class LoadSession:
         on_chunk_done: Callable[[ChunkResult], Any] | None = None,
         backoff_base: float = BACKOFF_BASE,
         backoff_max: float = BACKOFF_MAX,
+        settle_seconds: float | None = None,
         seed: int | None = None,
     ):
         if not 1 <= chunk_size <= settings.MAX_CONTACTS_PER_REQUEST:
@@ -203,6 +210,7 @@ class LoadSession:
         self.on_chunk_done = on_chunk_done
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        self.settle_seconds = SETTLE_FACTOR * client.timeout if settle_seconds is None else settle_seconds
         self.stats = LoadStats()
         self._random = random.Random(seed)
         self._next_chunk = 0
@@ -358,7 +366,8 @@ class LoadSession:
                 self._count(call, "timeouts" if exc.kind == "timeout" else "dropped")
                 unknown = unknown or exc.maybe_landed
                 reason = exc.message
-                await self._backoff(attempts)
+                # The server may still be working on it: let it finish, so the retry's dedupe sees its contacts.
+                await self._backoff(attempts, at_least=self.settle_seconds if exc.maybe_landed else 0.0)
                 continue
             self.pacer.observe(answer.rate, ticket)
             matched = reconcile(rows.sent, answer.created, answer.existing)
@@ -367,10 +376,10 @@ class LoadSession:
                 for o, i in zip(matched.outcomes, matched.apollo_ids)
             ]
 
-    async def _backoff(self, attempt: int) -> None:
+    async def _backoff(self, attempt: int, at_least: float = 0.0) -> None:
         """Exponential backoff with jitter: between half and all of ``base * 2**(attempt-1)``, capped."""
         ceiling = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
-        await asyncio.sleep(ceiling / 2 + self._random.uniform(0, ceiling / 2))
+        await asyncio.sleep(max(at_least, ceiling / 2 + self._random.uniform(0, ceiling / 2)))
 
     def _count(self, call: _Call, name: str, n: int = 1) -> None:
         self.stats.add(name, n)

@@ -42,7 +42,11 @@ UNKNOWN_RESET_WAIT = 1.0
 
 @dataclass(frozen=True)
 class Ticket:
-    """A reservation handed out by :meth:`Pacer.acquire`; give it back to :meth:`Pacer.observe`."""
+    """A reservation handed out by :meth:`Pacer.acquire`; give it back to :meth:`Pacer.observe`.
+
+    ``epochs`` holds, per known window, which of its windows the reservation was made in (a window not yet
+    known counts as its first).
+    """
 
     seq: int
     epochs: dict[str, int] = field(default_factory=dict)
@@ -56,7 +60,16 @@ class _Window:
     limit: int | None = None
     left: int | None = None
     reset_at: float | None = None
+    reset_observed: bool = False  # reset_at came from the server, not from adding a window length
     epoch: int = 0
+
+
+def _learned_length(longest_delay: float) -> float | None:
+    """A window length from the longest delay to a reset seen: rounded up to whole seconds when within 5 %."""
+    if longest_delay <= 0:
+        return None
+    whole = float(max(1, -(-longest_delay // 1)))
+    return whole if whole - longest_delay <= 0.05 * whole else longest_delay
 
 
 class Pacer:
@@ -124,6 +137,7 @@ class Pacer:
                 continue
             w.epoch += 1
             w.left = w.limit
+            w.reset_observed = False
             if w.length:
                 while w.reset_at <= now:
                     w.reset_at += w.length
@@ -164,22 +178,28 @@ class Pacer:
                 continue
             estimate = info.remaining - after
             if info.reset_after is not None:
-                self._observe_with_reset(w, now + info.reset_after, info.reset_after, estimate)
-            elif ticket is None or ticket.epochs.get(w.name, w.epoch) == w.epoch:
+                self._observe_with_reset(w, now + info.reset_after, info.reset_after, estimate, ticket)
+            elif ticket is None or ticket.epochs.get(w.name, 0) == w.epoch:
                 w.left = estimate if w.left is None else min(w.left, estimate)
             # else: the answer was counted in an earlier window of ours; it says nothing about this one.
 
-    def _observe_with_reset(self, w: _Window, reset_at: float, reset_after: float, estimate: int) -> None:
-        if w.length is None or reset_after > w.length:
-            w.length = reset_after or None  # learned: the longest delay to a reset seen so far
+    def _observe_with_reset(
+        self, w: _Window, reset_at: float, reset_after: float, estimate: int, ticket: Ticket | None
+    ) -> None:
+        if reset_after > (w.length or 0.0):
+            w.length = _learned_length(reset_after)
         tolerance = max(0.05, 0.25 * (w.length or 0.0))
+        same_epoch_ticket = ticket is None or ticket.epochs.get(w.name, 0) == w.epoch
         if w.reset_at is None or reset_at > w.reset_at + tolerance:
+            # The server is in a window we have not modelled yet: take its word.
             if w.reset_at is not None:
                 w.epoch += 1
-            w.reset_at = reset_at
-            w.left = estimate
-        elif reset_at >= w.reset_at - tolerance:
-            w.reset_at = min(w.reset_at, reset_at)
+            w.reset_at, w.reset_observed, w.left = reset_at, True, estimate
+        elif reset_at >= w.reset_at - tolerance or same_epoch_ticket:
+            # Our window (or we rolled over too early: a request reserved after our reset was still counted in
+            # the server's earlier window). The server's reset time wins over our estimate.
+            w.reset_at = reset_at if not w.reset_observed else min(w.reset_at, reset_at)
+            w.reset_observed = True
             w.left = estimate if w.left is None else min(w.left, estimate)
         # else: a late answer from a window that has already reset.
 
@@ -197,6 +217,7 @@ class Pacer:
             w.left = 0
             # Re-anchor: this window resets when the server says to come back.
             w.reset_at = now + (info.reset_after if info.reset_after is not None else wait)
+            w.reset_observed = True
 
     def _window(self, name: str, length: float | None, *, aligned: bool, now: float) -> _Window:
         w = self._windows.get(name)

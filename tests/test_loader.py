@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import polars as pl
@@ -123,12 +124,13 @@ def test_refused_connection_fails_rows_as_not_landed(tmp_path):
 
 
 def test_429_waits_and_retries_within_the_budget(sandbox_factory, tmp_path):
-    sb = sandbox_factory(burst_429=0.3, seed=7)
-    contacts = make_contacts(1000)
-    result, session, _ = run(plan_and_load(sb.gateway_base_url, contacts, tmp_path, chunk_size=50))
+    sb = sandbox_factory(burst_429=0.3, seed=2)  # seed 2, one request at a time: two 429s
+    contacts = make_contacts(300)
+    result, session, _ = run(plan_and_load(sb.gateway_base_url, contacts, tmp_path, chunk_size=50, concurrency=1))
     assert set(result.outcomes["outcome"]) == {"created"}
     assert session.stats.http_429 == sb.stats()["status_counts"].get("429", 0) > 0
-    assert len(stored_emails(sb)) == 1000
+    assert session.pacer.waited_seconds >= 1.0  # the Retry-After was honoured
+    assert len(stored_emails(sb)) == 300
 
 
 def test_hooks_are_called_and_stats_accumulate_over_calls(sandbox, tmp_path):
@@ -191,3 +193,17 @@ def test_bad_settings_and_missing_columns_are_input_errors():
                 session.make_chunks(pl.DataFrame({"source_row": [1], "identity": ["x"]}))
 
     run(scenario())
+
+
+@pytest.mark.parametrize("settle,duplicates", [(0.0, True), (0.6, False)])
+def test_after_a_timeout_the_retry_waits_for_the_first_request_to_settle(sandbox_factory, settle, duplicates):
+    """A timed-out request without dedupe may still be stored later; retrying too soon would duplicate it."""
+    # Seed 1: the first request is slow (stored 0.3 s after it came, past the 0.1 s client timeout), the next is not.
+    sb = sandbox_factory(slow=0.5, slow_seconds=0.3, seed=1, shuffle=False)
+    result, session, _ = run(plan_and_load(sb.gateway_base_url, make_contacts(5), None, timeout=0.1, run_dedupe=False,
+                                           settle_seconds=settle, **FAST))
+    assert session.stats.timeouts >= 1 and session.stats.requests == session.stats.timeouts + 1
+    assert session.stats.dedupe_forced == session.stats.timeouts
+    time.sleep(0.5)  # let the sandbox finish storing the slow request
+    assert (len(stored_emails(sb)) > 5) == duplicates
+    assert set(result.outcomes["outcome"]) == ({"created"} if duplicates else {"existing"})

@@ -220,3 +220,23 @@ def test_concurrent_acquires_never_exceed_the_window():
     assert max(per_window.values()) <= 5
     assert sum(per_window.values()) == 41
     assert len(per_window) == 9  # 41 requests at 5 a window: 9 windows, none wasted
+
+
+def test_a_rollover_too_early_is_corrected_by_the_servers_reset():
+    """We estimated the next reset from a window length; the server's answer says its window ends later."""
+    clock = FakeClock(now=0.0)
+
+    async def scenario():
+        pacer = make_pacer(clock)
+        t = await pacer.acquire()
+        pacer.observe(gateway(4, 0, 0.9), t)  # learned length 0.9 s; real windows are longer
+        await pacer.acquire()  # waits 0.9, then rolls over to an estimated window ending at 1.8
+        late = await pacer.acquire()
+        # The server still counted these in a window that ends at 2.0, and it is spent.
+        pacer.observe(gateway(4, 0, 1.1), late)
+        assert pacer.snapshot()["gateway"]["left"] == 0
+        await pacer.acquire()
+        return pacer
+
+    run(scenario())
+    assert clock.sleeps == [pytest.approx(0.9), pytest.approx(1.1)]
