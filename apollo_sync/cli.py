@@ -32,7 +32,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console()
-err = Console(stderr=True)
 
 SAMPLE_CSV = Path(__file__).parent / "data" / "sample_contacts.csv"
 
@@ -210,26 +209,31 @@ def print_summary(summary: dict, title: str = "Summary") -> None:
     out.print(f"Report: {summary.get('report_dir')}")
 
 
+def _fail(line: str) -> None:
+    """One plain line on stderr: no markup, no wrapping (a path with brackets stays as it is)."""
+    sys.stderr.write(" ".join(line.split()) + "\n")
+
+
 def main() -> None:
     """Console entry point: one clear line and an exit code for every expected failure, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        err.print("interrupted: rows confirmed so far are in the ledger; run again to continue")
+        _fail("interrupted: rows confirmed so far are in the ledger; run again to continue")
         sys.exit(130)
     except ApolloSyncError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        _fail(f"error: {exc}")
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors and Prefect's parameter validation
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2)
-        if type(exc).__name__ == "ParameterTypeError":
-            err.print(f"[red]error:[/] {str(exc).splitlines()[0]}", highlight=False)
+    except typer.TyperException as exc:  # usage errors: an unknown option, a value out of range
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        _fail(f"error: {message}; see 'apollo-sync --help'")
+        sys.exit(2)
+    except Exception as exc:
+        if type(exc).__name__ == "ParameterTypeError":  # Prefect's parameter validation, before any request
+            _fail(f"error: {str(exc).splitlines()[0]}")
             sys.exit(2)
         raise
 

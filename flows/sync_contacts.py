@@ -25,7 +25,7 @@ from pydantic import Field
 from apollo_sync import settings
 from apollo_sync.client import ApolloClient
 from apollo_sync.errors import ApolloSyncError, AuthError
-from apollo_sync.ledger import Ledger, target_id
+from apollo_sync.ledger import Ledger, target_for
 from apollo_sync.loader import LoadSession
 from apollo_sync.pacing import Pacer
 from apollo_sync.report import build_summary, results_frame, summary_problems, RESULTS_SCHEMA
@@ -113,7 +113,7 @@ async def sync_contacts(
     log = get_run_logger()
     run_id = str(flow_run.get_id() or uuid.uuid4())
     state = Path(state_dir)
-    target = target_id(base_url)
+    target = target_for(base_url)
     report_path = report_dir or str(state / "runs" / time.strftime("%Y%m%dT%H%M%S"))
 
     ledger = Ledger.open(state)
@@ -213,6 +213,7 @@ async def _load(to_send: pl.DataFrame, *, ledger: Ledger, target: str, run_id: s
                 result = await send_chunks(session, group, group_no)
             except AuthError as exc:
                 aborted = exc
+                parts.append(exc.result.outcomes)  # the stopped group still has an outcome for each of its rows
                 log.error("Stopped: %s", exc)
                 break
             parts.append(result.outcomes)
@@ -224,7 +225,7 @@ async def _load(to_send: pl.DataFrame, *, ledger: Ledger, target: str, run_id: s
     if aborted is not None:
         unsent = to_send.join(outcomes.select(settings.SOURCE_ROW), on=settings.SOURCE_ROW, how="anti")
         outcomes = pl.concat(
-            [outcomes, _as_outcomes(unsent, "failed", reason=f"not confirmed: run stopped ({aborted.message})")],
+            [outcomes, _as_outcomes(unsent, "failed", reason=f"not sent: the run stopped ({aborted.message})")],
             how="vertical",
         )
     return outcomes, stats, aborted
