@@ -13,9 +13,12 @@ Two kinds of window:
   aligned to the wall clock (60/3600/86400 s, ``settings.APOLLO_WINDOWS``); a 429's ``Retry-After`` re-anchors a
   window whose budget the server says is spent.
 
-Requests in flight stay in the accounting: each reservation carries a sequence number, and an answer's
-``remaining`` is reduced by the reservations made after it (which the server may not have counted yet). Within one
-window the pacer only ever lowers its estimate, so answers arriving out of order cannot inflate it. ``max_rpm`` is a
+Requests in flight stay in the accounting: every reservation counts against the window at once. While the
+server's count shows no more requests than this run made in the window, the pacer's own count is exact and is
+kept. When it shows more (another client shares the key, or a request of ours crossed into the window), the
+server's ``remaining`` is taken, less the reservations made after the answered request (which the server may not
+have counted yet). Within one window the pacer only ever lowers its estimate, so answers arriving out of order
+cannot inflate it. ``max_rpm`` is a
 cap that is always honoured (requests are spaced ``60/max_rpm`` seconds apart); it is the only limit when the
 server sends no rate headers.
 """
@@ -62,6 +65,18 @@ class _Window:
     reset_at: float | None = None
     reset_observed: bool = False  # reset_at came from the server, not from adding a window length
     epoch: int = 0
+    sent: int = 0  # reservations made in the current window
+
+    def lower(self, remaining: int, estimate: int) -> None:
+        """Apply a server count from the current window, unless it shows no one but us using the window."""
+        if self.limit is not None and self.left is not None and remaining >= self.limit - self.sent:
+            return  # the server counted no more than we sent: our own count is exact
+        self.left = estimate if self.left is None else min(self.left, estimate)
+
+    def restart(self, estimate: int) -> None:
+        """Start tracking a window the server is in from its count (minus our requests it may not have seen)."""
+        self.left = estimate
+        self.sent = max(0, self.limit - estimate) if self.limit is not None else 0
 
 
 def _learned_length(longest_delay: float) -> float | None:
@@ -124,6 +139,7 @@ class Pacer:
                 await self._sleep(delay)
             self._seq += 1
             for w in self._windows.values():
+                w.sent += 1
                 if w.left is not None:
                     w.left -= 1
             if self.max_rpm:
@@ -137,6 +153,7 @@ class Pacer:
                 continue
             w.epoch += 1
             w.left = w.limit
+            w.sent = 0
             w.reset_observed = False
             if w.length:
                 while w.reset_at <= now:
@@ -178,13 +195,15 @@ class Pacer:
                 continue
             estimate = info.remaining - after
             if info.reset_after is not None:
-                self._observe_with_reset(w, now + info.reset_after, info.reset_after, estimate, ticket)
+                self._observe_with_reset(w, now + info.reset_after, info.reset_after, info.remaining, estimate, ticket)
+            elif w.left is None:
+                w.restart(estimate)
             elif ticket is None or ticket.epochs.get(w.name, 0) == w.epoch:
-                w.left = estimate if w.left is None else min(w.left, estimate)
+                w.lower(info.remaining, estimate)
             # else: the answer was counted in an earlier window of ours; it says nothing about this one.
 
     def _observe_with_reset(
-        self, w: _Window, reset_at: float, reset_after: float, estimate: int, ticket: Ticket | None
+        self, w: _Window, reset_at: float, reset_after: float, remaining: int, estimate: int, ticket: Ticket | None
     ) -> None:
         if reset_after > (w.length or 0.0):
             w.length = _learned_length(reset_after)
@@ -194,13 +213,14 @@ class Pacer:
             # The server is in a window we have not modelled yet: take its word.
             if w.reset_at is not None:
                 w.epoch += 1
-            w.reset_at, w.reset_observed, w.left = reset_at, True, estimate
+            w.reset_at, w.reset_observed = reset_at, True
+            w.restart(estimate)
         elif reset_at >= w.reset_at - tolerance or same_epoch_ticket:
             # Our window (or we rolled over too early: a request reserved after our reset was still counted in
             # the server's earlier window). The server's reset time wins over our estimate.
             w.reset_at = reset_at if not w.reset_observed else min(w.reset_at, reset_at)
             w.reset_observed = True
-            w.left = estimate if w.left is None else min(w.left, estimate)
+            w.lower(remaining, estimate)
         # else: a late answer from a window that has already reset.
 
     def on_429(self, retry_after: float | None, rate: RateInfo | None = None) -> None:

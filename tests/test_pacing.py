@@ -83,6 +83,23 @@ def test_in_flight_requests_count_against_the_budget():
     run(scenario())
 
 
+def test_a_server_count_above_ours_means_another_client_and_lowers_the_budget():
+    clock = FakeClock()
+
+    async def scenario():
+        pacer = make_pacer(clock)
+        t0 = await pacer.acquire()
+        pacer.observe(gateway(12, 11, 0.9), t0)  # alone so far: 1 sent, 11 left
+        tickets = [await pacer.acquire() for _ in range(4)]
+        assert pacer.snapshot()["gateway"]["left"] == 7
+        pacer.observe(gateway(12, 9, 0.9), tickets[0])  # 3 counted of our 5 sent: consistent, keep our count
+        assert pacer.snapshot()["gateway"]["left"] == 7
+        pacer.observe(gateway(12, 4, 0.9), tickets[1])  # 8 counted but we sent 5: someone else uses the key
+        assert pacer.snapshot()["gateway"]["left"] == 4 - 2  # less our 2 later requests it may not have counted
+
+    run(scenario())
+
+
 def test_new_gateway_window_from_a_later_reset_and_stale_answers_ignored():
     clock = FakeClock()
 
