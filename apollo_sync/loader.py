@@ -257,11 +257,16 @@ class LoadSession:
         results: list[pl.DataFrame | None] = [None] * len(chunks)
         pending = iter(range(len(chunks)))
 
-        async def worker() -> None:
-            for index in pending:
-                results[index] = await self._load_chunk(chunks[index], call)
-
         async with asyncio.TaskGroup() as group:
+
+            async def worker() -> None:
+                for index in pending:
+                    chunk = chunks[index]
+                    frame, identities, requests = await self._load_chunk(chunk, call)
+                    results[index] = frame
+                    # Recording runs beside the next request, so a slot never waits on the ledger.
+                    group.create_task(self._finish_chunk(chunk, frame, identities, requests, call))
+
             for _ in range(min(self.concurrency, len(chunks))):
                 group.create_task(worker())
         frames = [frame for frame in results if frame is not None]
@@ -272,11 +277,12 @@ class LoadSession:
             raise self._auth_error
         return result
 
-    async def _load_chunk(self, chunk: Chunk, call: _Call) -> pl.DataFrame:
+    async def _load_chunk(self, chunk: Chunk, call: _Call) -> tuple[pl.DataFrame, pl.DataFrame | None, int]:
+        """Mark pending, send; returns (outcomes, identity+fingerprint to record or None, requests made)."""
         rows = _Rows.of(chunk.rows)
         sendable = self._auth_error is None  # after a 401/403 nothing is sent, so nothing goes in the ledger
         if sendable and self.ledger is not None:
-            self.ledger.mark_pending(self.target, chunk.rows, self.run_id)
+            await asyncio.to_thread(self.ledger.mark_pending, self.target, chunk.rows, self.run_id)
         requests_before = call.stats.requests
         outcomes = await self._send(rows, self.run_dedupe or chunk.must_dedupe, call)
         frame = pl.DataFrame(
@@ -289,25 +295,24 @@ class LoadSession:
             },
             schema=OUTCOMES_SCHEMA,
         )
-        if sendable and self.ledger is not None:
-            self.ledger.record(
-                self.target,
-                frame.with_columns(
-                    identity=pl.Series(rows.identity, dtype=pl.String),
-                    fingerprint=pl.Series(rows.fingerprint, dtype=pl.String),
-                ),
-                self.run_id,
-            )
+        identities = chunk.rows.select("identity", "fingerprint") if sendable else None
+        return frame, identities, call.stats.requests - requests_before
+
+    async def _finish_chunk(
+        self, chunk: Chunk, frame: pl.DataFrame, identities: pl.DataFrame | None, requests: int, call: _Call
+    ) -> None:
+        """Record the chunk's outcomes in the ledger (one transaction), count them, tell ``on_chunk_done``."""
+        if identities is not None and self.ledger is not None:
+            await asyncio.to_thread(self.ledger.record, self.target, pl.concat([frame, identities], how="horizontal"), self.run_id)
         self._count(call, "chunks")
-        self._count(call, "rows", len(rows))
-        for o in outcomes:
-            if o.outcome in ("created", "existing", "failed", "unconfirmed"):
-                self._count(call, o.outcome)
+        self._count(call, "rows", frame.height)
+        for outcome, n in frame["outcome"].value_counts().iter_rows():
+            if outcome in ("created", "existing", "failed", "unconfirmed"):
+                self._count(call, outcome, n)
         if self.on_chunk_done is not None:
-            done = self.on_chunk_done(ChunkResult(chunk.number, frame, call.stats.requests - requests_before))
+            done = self.on_chunk_done(ChunkResult(chunk.number, frame, requests))
             if inspect.isawaitable(done):
                 await done
-        return frame
 
     async def _send(self, rows: _Rows, dedupe: bool, call: _Call) -> list[_Outcome]:
         """Send ``rows`` in one request, retrying and bisecting as the rules say; one outcome per row."""
