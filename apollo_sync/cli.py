@@ -216,6 +216,8 @@ def _fail(line: str) -> None:
 
 def main() -> None:
     """Console entry point: one clear line and an exit code for every expected failure, never a traceback."""
+    # Offline machines log a telemetry error at every ephemeral server start; a user's setting still wins.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)

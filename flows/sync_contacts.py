@@ -52,34 +52,28 @@ def _run_name() -> str:
 
 @flow(name="sync-contacts", flow_run_name=_run_name, persist_result=True, validate_parameters=True)
 async def sync_contacts(
-    source: Annotated[str, Field(title="Source", min_length=1)],
-    base_url: Annotated[str, Field(title="Apollo base URL")] = settings.GATEWAY_BASE_URL,
-    labels: Annotated[list[str], Field(title="Labels")] = [],  # noqa: B006 - Prefect copies parameters
-    run_dedupe: Annotated[bool, Field(title="Server-side dedupe")] = True,
-    chunk_size: Annotated[int, Field(title="Contacts per request", ge=1, le=settings.MAX_CONTACTS_PER_REQUEST)] = (
-        settings.DEFAULT_CHUNK_SIZE
-    ),
-    concurrency: Annotated[int, Field(title="Requests in flight", ge=1, le=32)] = settings.DEFAULT_CONCURRENCY,
-    timeout: Annotated[float, Field(title="Request timeout (s)", gt=0, le=600)] = settings.DEFAULT_TIMEOUT_SECONDS,
-    dry_run: Annotated[bool, Field(title="Dry run")] = False,
-    report_dir: Annotated[str | None, Field(title="Report directory")] = None,
-    state_dir: Annotated[str, Field(title="State directory")] = settings.DEFAULT_STATE_DIR,
-    mapping: Annotated[str | None, Field(title="Mapping file (TOML)")] = None,
-    auth: Annotated[Literal["auto", "bearer", "x-api-key"], Field(title="Auth header")] = "auto",
-    api_key_block: Annotated[str | None, Field(title="Secret block with the API key")] = settings.DEFAULT_SECRET_BLOCK,
-    full_refresh: Annotated[bool, Field(title="Full refresh")] = False,
-    max_rpm: Annotated[int | None, Field(title="Max requests per minute", ge=1)] = None,
-    rate_limit_name: Annotated[str | None, Field(title="Shared rate limit (Prefect)")] = None,
-    phone_region: Annotated[str, Field(title="Default phone region", min_length=2, max_length=2)] = (
-        settings.DEFAULT_PHONE_REGION
-    ),
-    format: Annotated[
-        Literal["csv", "tsv", "parquet", "json", "ndjson", "xlsx"] | None, Field(title="Source format")
-    ] = None,
-    delimiter: Annotated[str | None, Field(title="CSV delimiter", min_length=1, max_length=1)] = None,
-    encoding: Annotated[str, Field(title="Source encoding")] = "utf-8",
-    query: Annotated[str | None, Field(title="SQL query")] = None,
-    cursor_column: Annotated[str | None, Field(title="Incremental cursor column")] = None,
+    source: Annotated[str, Field(min_length=1)],
+    base_url: str = settings.GATEWAY_BASE_URL,
+    labels: list[str] = [],  # noqa: B006 - Prefect copies parameters
+    run_dedupe: bool = True,
+    chunk_size: Annotated[int, Field(ge=1, le=settings.MAX_CONTACTS_PER_REQUEST)] = settings.DEFAULT_CHUNK_SIZE,
+    concurrency: Annotated[int, Field(ge=1, le=32)] = settings.DEFAULT_CONCURRENCY,
+    timeout: Annotated[float, Field(gt=0, le=600)] = settings.DEFAULT_TIMEOUT_SECONDS,
+    dry_run: bool = False,
+    report_dir: str | None = None,
+    state_dir: str = settings.DEFAULT_STATE_DIR,
+    mapping: str | None = None,
+    auth: Literal["auto", "bearer", "x-api-key"] = "auto",
+    api_key_block: str | None = settings.DEFAULT_SECRET_BLOCK,
+    full_refresh: bool = False,
+    max_rpm: Annotated[int | None, Field(ge=1)] = None,
+    rate_limit_name: str | None = None,
+    phone_region: Annotated[str, Field(min_length=2, max_length=2)] = settings.DEFAULT_PHONE_REGION,
+    format: Literal["csv", "tsv", "parquet", "json", "ndjson", "xlsx"] | None = None,
+    delimiter: Annotated[str | None, Field(min_length=1, max_length=1)] = None,
+    encoding: str = "utf-8",
+    query: str | None = None,
+    cursor_column: str | None = None,
 ) -> dict:
     """Sync contacts from a source into Apollo and report what happened to every row.
 
@@ -206,7 +200,7 @@ async def _load(to_send: pl.DataFrame, *, ledger: Ledger, target: str, run_id: s
         )
         chunks = session.make_chunks(to_send)
         groups = [chunks[i : i + settings.CHUNKS_PER_LOAD_TASK] for i in range(0, len(chunks), settings.CHUNKS_PER_LOAD_TASK)]
-        log.info("Sending %d contacts in %d requests (%d task runs)", total, len(chunks), len(groups))
+        log.info("Sending %d contacts in %d request(s), %d task run(s)", total, len(chunks), len(groups))
         parts = []
         for group_no, group in enumerate(groups):
             try:
