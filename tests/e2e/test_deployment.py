@@ -157,3 +157,51 @@ def test_deploy_all_and_a_worker_run_lands_every_contact_with_the_key_from_the_s
     assert not [a.key for a in artifacts if key in str(a.data)]
     assert key not in str(run.parameters)
     assert key not in worker_output
+
+
+async def _wait_deployment(server: PrefectServer, name: str, proc: subprocess.Popen):
+    from prefect.exceptions import ObjectNotFound
+
+    async with server.client() as client:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return await client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                assert proc.poll() is None, "serve.py exited before registering its deployment"
+                assert time.monotonic() < deadline, f"{name} not registered after 60s"
+                await asyncio.sleep(0.5)
+
+
+async def _start_run(server: PrefectServer, deployment_id, parameters: dict):
+    async with server.client() as client:
+        run = await client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+        return str(run.id)
+
+
+def test_serve_py_runs_a_flow_run_and_pauses_its_deployment_on_sigterm(prefect_server, tmp_path):
+    with SandboxServer(SandboxConfig()) as sandbox:
+        key = sandbox.config.api_key
+        log_path = tmp_path / "serve.log"
+        env = prefect_server.env(APOLLO_API_KEY=key, PREFECT_RUNNER_POLL_FREQUENCY="1")
+        with log_path.open("wb") as log:
+            serve = subprocess.Popen(
+                [sys.executable, "deployments/serve.py"],
+                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        try:
+            deployment = asyncio.run(_wait_deployment(prefect_server, "sync-contacts/sync-contacts-serve", serve))
+            expected = _write_export(tmp_path / "export.csv")
+            flow_run_id = asyncio.run(_start_run(prefect_server, deployment.id, {
+                "source": str(tmp_path / "export.csv"), "base_url": sandbox.gateway_base_url,
+                "state_dir": str(tmp_path / "state"), "report_dir": str(tmp_path / "report"), "api_key_block": None,
+            }))  # fmt: skip
+            run = asyncio.run(_wait_final(prefect_server, flow_run_id))
+        finally:
+            code = stop_process(serve)
+        output = log_path.read_text(errors="replace")
+        assert run.state.is_completed(), f"{run.state}\n{output[-4000:]}"
+        assert sorted(c["email"] for c in sandbox.contacts()) == sorted(expected)
+        assert code is not None and key not in output
+    paused = asyncio.run(_wait_deployment(prefect_server, "sync-contacts/sync-contacts-serve", serve)).paused
+    assert paused, "serve.py should pause its deployment when it stops"
