@@ -9,7 +9,8 @@ holds the client, the pacer, the ledger and cumulative :class:`LoadStats`. For e
   request may have landed, so every later attempt of those rows runs with ``run_dedupe`` true, whatever the user
   chose: no second contact is created. After a timeout or a dropped connection the retry waits at least
   ``settle_seconds`` (default twice the client timeout), so a server still processing the first request has
-  stored it before the retry's dedupe looks (a server slower than that could still race a retry).
+  stored it before the retry's dedupe looks (a server slower than that could still race a retry). A
+  ``Retry-After`` on a 5xx is honoured too.
 * 401/403: raise ``AuthError`` at once; no further request is sent by this session. The exception carries
   ``result`` (a :class:`GroupResult` with an outcome for every row of the call).
 * 400/413/422: split the chunk in halves until the offending contacts are isolated; they are ``failed`` with the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import random
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Awaitable, Callable, Sequence
@@ -35,6 +37,8 @@ from apollo_sync.errors import ApolloAPIError, AuthError, InputError
 from apollo_sync.ledger import Ledger
 from apollo_sync.pacing import Pacer
 from apollo_sync.reconcile import SentRow, reconcile
+
+logger = logging.getLogger("apollo_sync.loader")
 
 OUTCOMES_SCHEMA = {
     "source_row": pl.Int64,
@@ -355,13 +359,15 @@ class LoadSession:
                 if exc.status >= 500 or exc.status in RETRY_STATUSES:
                     self._count(call, "http_5xx" if exc.status >= 500 else "http_4xx")
                     unknown = True
-                    await self._backoff(attempts)
+                    logger.debug("retrying %d rows after %s", len(rows), reason)
+                    await self._backoff(attempts, at_least=(rate.retry_after or 0.0) if rate is not None else 0.0)
                     continue
                 self._count(call, "http_4xx")
                 if exc.status in BISECT_STATUSES:
                     if len(rows) == 1:
                         return [_Outcome("failed", None, reason)]
                     self._count(call, "bisections")
+                    logger.info("splitting %d rows in halves to isolate what the API refused: %s", len(rows), reason)
                     middle = len(rows) // 2
                     first = await self._send(rows.slice(0, middle), dedupe or unknown, call)
                     return first + await self._send(rows.slice(middle, len(rows)), dedupe or unknown, call)
@@ -371,6 +377,7 @@ class LoadSession:
                 self._count(call, "timeouts" if exc.kind == "timeout" else "dropped")
                 unknown = unknown or exc.maybe_landed
                 reason = exc.message
+                logger.debug("retrying %d rows after %s", len(rows), reason)
                 # The server may still be working on it: let it finish, so the retry's dedupe sees its contacts.
                 await self._backoff(attempts, at_least=self.settle_seconds if exc.maybe_landed else 0.0)
                 continue
@@ -393,4 +400,5 @@ class LoadSession:
 
 def _give_up(rows: _Rows, unknown: bool, reason: str) -> list[_Outcome]:
     outcome = "unconfirmed" if unknown else "failed"
+    logger.warning("%d rows %s: %s", len(rows), outcome, reason)
     return [_Outcome(outcome, None, reason) for _ in range(len(rows))]

@@ -236,7 +236,8 @@ def main() -> None:
     else:
         result = run(args.quick)
     print(json.dumps(result, indent=2))
-    if not result.get("goal_met", all(p.get("goal_met", True) for p in result.values())):
+    goal_met = result["goal_met"] if "goal_met" in result else all(p.get("goal_met", True) for p in result.values())
+    if not goal_met:
         sys.exit(1)
 
 
