@@ -383,10 +383,10 @@ class LoadSession:
                 continue
             self.pacer.observe(answer.rate, ticket)
             matched = reconcile(rows.sent, answer.created, answer.existing)
-            return [
-                _Outcome(o, i, None if o != "unconfirmed" else "sent, but not in the answer")
-                for o, i in zip(matched.outcomes, matched.apollo_ids)
-            ]
+            notes = {"unconfirmed": "sent, but not in the answer"}
+            if unknown:
+                notes["existing"] = "matched on a retry: an earlier attempt whose answer was lost may have created it"
+            return [_Outcome(o, i, notes.get(o)) for o, i in zip(matched.outcomes, matched.apollo_ids)]
 
     async def _backoff(self, attempt: int, at_least: float = 0.0) -> None:
         """Exponential backoff with jitter: between half and all of ``base * 2**(attempt-1)``, capped."""

@@ -48,6 +48,20 @@ def test_6000_contacts_through_every_fault_land_exactly_once(sandbox_factory, tm
     assert sb.stats()["requests"] == before
 
 
+def test_apollo_direct_with_faults_lands_exactly_once(sandbox_factory, tmp_path):
+    sb = sandbox_factory(hourly_limit=100_000, seed=5, **FAULTS)  # X-Api-Key auth, Apollo's error and rate headers
+    contacts = make_contacts(2000)
+    result, session, _ = asyncio.run(
+        plan_and_load(sb.apollo_base_url, contacts, tmp_path, run_dedupe=False, timeout=0.5, backoff_base=0.2)
+    )
+    assert sorted(result.outcomes["source_row"].to_list()) == list(range(1, 2001))
+    assert set(result.outcomes["outcome"]) <= {"created", "existing"}
+    emails = Counter(stored_emails(sb))
+    assert len(emails) == 2000 and max(emails.values()) == 1
+    assert session.pacer.snapshot()["hourly"]["limit"] == 100_000
+    assert sum(sb.stats()["faults"].values()) > 0 and session.stats.retries > 0
+
+
 CHILD = textwrap.dedent(
     """
     import asyncio, sys
