@@ -10,6 +10,7 @@ sandbox in a child process; wall time is measured around the child. Scenarios:
   ephemeral_warm_lean ephemeral_warm with the settings below that skip start-up work
   server              PREFECT_API_URL set to a `prefect server start` already running
   cli_server          `apollo-sync run` against the running server (the CLI's own checks included)
+  cli_ephemeral_warm  `apollo-sync run` with no PREFECT_API_URL, PREFECT_HOME already migrated
 
 Usage: uv run python bench/bench_prefect_startup.py [--repeat 3]
 Medians of --repeat runs; ratios against import_flow from the same run (shared noisy machine: read as rough).
@@ -98,6 +99,8 @@ def main() -> None:
             cli = [str(Path(sys.executable).parent / "apollo-sync"), "run", str(csv), "--base-url", sandbox.gateway_base_url,
                    "--state-dir", str(state), "--report-dir", str(state / "report"), "--full-refresh"]  # fmt: skip
             results.setdefault("cli_server", []).append(_time(cli, base, ROOT))
+            cli[cli.index(str(state))] = str(work / f"cli-eph-{i}")
+            results.setdefault("cli_ephemeral_warm", []).append(_time(cli, ephemeral | {"PREFECT_HOME": str(warm_home)}, ROOT))
 
     reference = statistics.median(results["import_flow"])
     print(f"{'scenario':22} {'median s':>9} {'min s':>7} {'max s':>7} {'x import_flow':>14}   (n)")

@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -132,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     except SetupError as exc:
         print(f"setup: {exc}", file=sys.stderr)
+        return 2
+    except httpx.TransportError as exc:
+        from prefect.settings import PREFECT_API_URL
+
+        where = PREFECT_API_URL.value() or "the temporary server"
+        print(f"setup: cannot reach the Prefect API at {where} ({type(exc).__name__}); is the server running?", file=sys.stderr)
         return 2
     for line in lines:
         print(line)
