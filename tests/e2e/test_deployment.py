@@ -8,6 +8,7 @@ progress, summary and problems artifacts, and write the key in no log line.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -68,6 +69,22 @@ async def _artifacts_and_logs(server: PrefectServer, flow_run_id: str):
             logs += page
             offset += len(page)
     return artifacts, logs
+
+
+async def _run_event(server: PrefectServer, flow_run_id: str):
+    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+
+    async with server.client() as client:
+        for _ in range(40):  # the server writes events asynchronously
+            page = await client.read_events(
+                EventFilter(event=EventNameFilter(name=["apollo-sync.run.completed"]),
+                            related=EventRelatedFilter(id=[f"prefect.flow-run.{flow_run_id}"])),
+                limit=5,
+            )  # fmt: skip
+            if page.events:
+                return page.events[0]
+            await asyncio.sleep(0.25)
+    return None
 
 
 async def _deployments(server: PrefectServer):
@@ -152,6 +169,11 @@ def test_deploy_all_and_a_worker_run_lands_every_contact_with_the_key_from_the_s
     assert {"apollo-sync-progress", "apollo-sync-summary", "apollo-sync-problems"} <= set(by_key)
     assert float(by_key["apollo-sync-progress"].data) == 100.0
     assert f"| created | {VALID} |" in by_key["apollo-sync-summary"].data
+    problems = json.loads(by_key["apollo-sync-problems"].data)
+    assert sorted(row["reason"] for row in problems) == ["invalid_email", "missing_identity"]
+    event = asyncio.run(_run_event(prefect_server, flow_run_id))
+    assert event is not None and event.payload["created"] == VALID and event.payload["rejected"] == 2
+    assert event.resource["apollo-sync.has-failures"] == "false"
     assert logs, "the flow run sent no logs to the API"
     assert not [log.message for log in logs if key in log.message]
     assert not [a.key for a in artifacts if key in str(a.data)]
