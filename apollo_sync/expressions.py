@@ -8,15 +8,20 @@ value for the rest; the tests check that both paths agree.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import polars as pl
 
 # --- Text -----------------------------------------------------------------------------------
 
 
 def clean_text(expr: pl.Expr) -> pl.Expr:
-    """Trim, collapse runs of whitespace (Unicode, incl. tabs and no-break spaces) to one space; "" -> null."""
-    collapsed = expr.str.replace_all(r"\s+", " ").str.strip_chars(" ")
-    return pl.when(collapsed.str.len_bytes() > 0).then(collapsed)
+    """Trim, collapse runs of whitespace (Unicode, incl. tabs and no-break spaces) to one space; "" -> null.
+
+    The regex only touches runs of two or more, or a single non-space whitespace character, so the
+    common clean value passes through untouched (measured ~2x faster than replacing every ``\\s+``).
+    """
+    return expr.str.strip_chars().str.replace_all(r"\s\s+|[^\S ]", " ").replace("", None)
 
 
 def first_present(exprs: list[pl.Expr]) -> pl.Expr:
@@ -29,7 +34,7 @@ def first_present(exprs: list[pl.Expr]) -> pl.Expr:
 # --- Email ----------------------------------------------------------------------------------
 
 EMAIL_FAST_VALID = (
-    r"^[a-z0-9_%+\-]+(?:\.[a-z0-9_%+\-]+)*"
+    r"^[a-z0-9_%+'\-]+(?:\.[a-z0-9_%+'\-]+)*"
     r"@(?:[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$"
 )
 """The common shape of a valid lower-case ASCII address. Every string it matches (and that
@@ -61,24 +66,91 @@ def email_fast_valid(expr: pl.Expr) -> pl.Expr:
     )
 
 
+def email_fast_invalid(expr: pl.Expr) -> pl.Expr:
+    """True where a (normalised) email is certainly invalid for email-validator (no @, several @, spaces, ..).
+
+    email-validator (defaults: no quoted local part, no display name) rejects all of these; the
+    property test checks it.
+    """
+    return (
+        ~expr.str.contains("@", literal=True)
+        | (expr.str.count_matches("@", literal=True) > 1)
+        | expr.str.contains(r"\s|\.\.|^[@.]|[@.]$|@\.|\.@")
+    )
+
+
 # --- Phones ---------------------------------------------------------------------------------
 
-PHONE_NANP_INTERNATIONAL = r"^\+1[ .\-]?(?:\([2-9]\d{2}\)|[2-9]\d{2})[ .\-]?\d{3}[ .\-]?\d{4}$"
-"""+1 followed by a 10-digit North American number whose area code starts 2-9, any usual separators."""
-PHONE_NANP_NATIONAL = r"^(?:1[ .\-]?)?(?:\([2-9]\d{2}\)|[2-9]\d{2})[ .\-]?\d{3}[ .\-]?\d{4}$"
-"""The same written nationally (optional trunk prefix 1); only for a default region in the +1 zone."""
+PHONE_NANP_INTERNATIONAL = (
+    r"^\+1[ .\-]?(?:\([2-9]\d{2}\)|[2-9]\d{2})[ .\-]?\d{3}[ .\-]?\d{4}(?: ?(?:x|ext\.?) ?\d{1,6})?$"
+)
+"""+1 and a 10-digit North American number (area code 2-9..), usual separators, optional ``x123`` extension."""
+PHONE_NANP_NATIONAL = (
+    r"^(?:\+?1[ .\-]?)?(?:\([2-9]\d{2}\)|[2-9]\d{2})[ .\-]?\d{3}[ .\-]?\d{4}(?: ?(?:x|ext\.?) ?\d{1,6})?$"
+)
+"""The same, or written nationally (optional trunk prefix 1): only for a default region in the +1 zone."""
+PHONE_INTERNATIONAL_SHAPE = r"^\+\d+(?:[ .\-]\d+)*$"
+"""``+`` and digit groups separated by single spaces, dots or dashes (no ``(0)``, no extension)."""
 
 
-def phone_fast_e164(expr: pl.Expr, *, nanp_region: bool) -> pl.Expr:
+def phone_nanp_e164(expr: pl.Expr, *, nanp_region: bool) -> pl.Expr:
     """E.164 for the common North American shapes, null where this fast path does not decide.
 
-    For these shapes phonenumbers gives "+1" + the last 10 digits and the length is possible; the
-    property test checks that. ``nanp_region``: the default region dials with country code 1 (US, CA...).
+    For these shapes phonenumbers gives "+1" + the 10 digits (an extension is dropped by E.164) and the
+    length is possible; the property test checks that. ``nanp_region``: the default region dials with
+    country code 1 (US, CA...).
     """
-    shape = expr.str.contains(PHONE_NANP_INTERNATIONAL)
-    if nanp_region:
-        shape = shape | expr.str.contains(PHONE_NANP_NATIONAL)
-    return pl.when(shape).then(pl.lit("+1") + expr.str.replace_all(r"\D", "").str.slice(-10))
+    shape = expr.str.contains(PHONE_NANP_NATIONAL if nanp_region else PHONE_NANP_INTERNATIONAL)
+    ten = expr.str.replace(r"(?: ?(?:x|ext\.?) ?\d{1,6})$", "").str.replace_all(r"\D", "").str.slice(-10)
+    return pl.when(shape).then(pl.lit("+1") + ten)
+
+
+@dataclass(frozen=True)
+class CountryRule:
+    """What phonenumbers does with ``+<code> <national number>`` for one calling code (from its metadata)."""
+
+    national_prefix: str | None
+    """Regex of a national prefix phonenumbers may strip after the code; numbers it matches are not decided here."""
+    lengths: tuple[int, ...]
+    """National number lengths phonenumbers calls possible (local-only lengths excluded)."""
+
+
+def country_code(digits: pl.Expr, codes: list[str]) -> pl.Expr:
+    """The calling code at the start of ``digits`` among ``codes`` (calling codes are prefix-free), else null."""
+    out = pl.when(False).then(pl.lit(None, dtype=pl.String))
+    for size in (1, 2, 3):
+        head = digits.str.slice(0, size)
+        out = out.when(head.is_in(codes)).then(head)
+    return out
+
+
+def phone_international_e164(expr: pl.Expr, rules: dict[str, CountryRule]) -> tuple[pl.Expr, pl.Expr]:
+    """(decided, e164) for ``+<code> ...`` numbers whose calling code has a rule in ``rules``.
+
+    Decided rows get phonenumbers' verdict without calling it: "+" + digits when the national number's
+    length is possible, else null (dropped). Not decided: other shapes, unknown codes, national numbers
+    starting with 0 or with the country's national prefix (phonenumbers may strip it). The property test
+    compares this with phonenumbers over every calling code.
+    """
+    digits = expr.str.replace_all(r"\D", "")
+    code = country_code(digits, list(rules))
+    national = digits.str.slice(code.str.len_bytes())
+    prefix_match = pl.lit(False)
+    with_prefix = {c: r.national_prefix for c, r in rules.items() if r.national_prefix}
+    if with_prefix:
+        chain = pl.when(False).then(pl.lit(False))
+        for c, pattern in with_prefix.items():
+            chain = chain.when(code == c).then(national.str.contains(f"^(?:{pattern})"))
+        prefix_match = chain.otherwise(pl.lit(False))
+    decided = (
+        expr.str.contains(PHONE_INTERNATIONAL_SHAPE)
+        & code.is_not_null()
+        & ~national.str.starts_with("0")
+        & ~prefix_match
+    ).fill_null(False)
+    possible_keys = [f"{c}:{n}" for c, r in rules.items() for n in r.lengths]
+    possible = (code + pl.lit(":") + national.str.len_bytes().cast(pl.String)).is_in(possible_keys)
+    return decided, pl.when(decided & possible).then(pl.lit("+") + digits)
 
 
 # --- Web ------------------------------------------------------------------------------------
@@ -93,7 +165,7 @@ def website(expr: pl.Expr) -> pl.Expr:
     duplicates comparable. Values with no usable host name become null.
     """
     host = (
-        clean_text(expr)
+        expr.str.strip_chars()
         .str.to_lowercase()
         .str.extract(r"^(?:[a-z][a-z0-9+.\-]*://)?(?:www\.)?([^/:?#\s@]+)", 1)
         .str.strip_suffix(".")

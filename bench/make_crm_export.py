@@ -1,0 +1,155 @@
+"""Generate a messy CRM contact export (CSV) of any size, with the true counts a transform must find.
+
+Made on the fly for the benchmark and tests; never committed as data. Deterministic for a seed.
+
+Each row is one of these kinds (shares of the rows):
+
+- ``valid`` (~88%): a unique email in mixed case with padding, names with stray spaces, various phone formats;
+- ``name_only`` (3%): no email, but first, last name and a unique company: identified by name;
+- ``invalid_email`` (2%): an email that is present but not an address (``n/a``, ``a..b@x.com``, no @, ...);
+- ``missing_identity`` (1%): no email and no company;
+- ``duplicate`` (6%): a copy of a ``valid`` or ``name_only`` row with its email or names re-cased and padded
+  and some fields blanked, anywhere in the file (a row may be copied more than once).
+
+So the truth is: rejected invalid_email = the invalid rows, missing_identity = the missing rows,
+duplicates_in_source = the duplicate rows. Phones: ~70% US shapes, ~8% international, ~4% junk, rest empty.
+
+Usage: ``uv run python bench/make_crm_export.py --rows 1000000 --out /tmp/export.csv``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import unicodedata
+from pathlib import Path
+
+import polars as pl
+
+FIRST = [
+    "James", "Mary", "John", "Patricia", "Robert", "Jennifer", "Michael", "Linda", "William", "Elizabeth",
+    "David", "Barbara", "Richard", "Susan", "Joseph", "Jessica", "Thomas", "Sarah", "Charles", "Karen",
+    "Mary Ann", "José", "Zoë", "Siobhán", "Li", "Ngozi", "Ahmed", "Priya", "Søren", "Chloé",
+]
+LAST = [
+    "Smith", "Johnson", "Williams", "Brown", "Jones", "Garcia", "Miller", "Davis", "Rodriguez", "Martinez",
+    "McDonald", "O'Brien", "van der Berg", "de la Cruz", "Nguyen", "Müller", "Kowalski", "Okafor", "Patel", "Lee",
+]
+COMPANIES = ["Acme Corp", "Globex", "Initech", "Umbrella", "Hooli", "Stark Industries", "Wayne Enterprises",
+             "Tyrell", "Cyberdyne", "Soylent", "Vandelay Industries", "Massive Dynamic"]
+TITLES = ["CEO", "CTO", "VP Sales", "Account Executive", "Software Engineer", "Head of Marketing",
+          "  Director of Ops ", "Analyst", None, None]
+DOMAINS = ["gmail.com", "yahoo.com", "acme.com", "globex.io", "initech.co.uk", "hooli.xyz", "example.org"]
+CITIES = ["New York", "Austin", "London", "Berlin", "San Francisco", None]
+STATES = ["NY", "TX", None, None, "CA", None]
+COUNTRIES = ["USA", "United States", "UK", "Germany", None]
+TAGS = ["Q4 import", "webinar; trade show", "vip,Q4 import", None, None, "  partner  "]
+WEBSITES = ["www.acme.com", "https://globex.io/", "HTTP://Initech.co.uk/about", "hooli.xyz", None, "n/a"]
+INVALID = ["n/a", "{u}@", "{u}..x@{d}", "{u}@@{d}", "{u} at {d}", "{u}@{d}.", "@{d}", "{u}@localhost", "none"]
+KINDS = ("valid", "name_only", "invalid_email", "missing_identity", "duplicate")
+WEIGHTS = (88, 3, 2, 1, 6)
+
+
+def _ascii(text: str) -> str:
+    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+
+
+def _phone(rng: random.Random) -> str | None:
+    r = rng.random()
+    area, exch, line = rng.randint(201, 989), rng.randint(200, 999), rng.randint(0, 9999)
+    if r < 0.18:
+        return None
+    if r < 0.88:
+        fmt = rng.randrange(6)
+        return [
+            f"({area}) {exch}-{line:04d}", f"{area}-{exch}-{line:04d}", f"+1 {area} {exch} {line:04d}",
+            f"{area}.{exch}.{line:04d}", f"1{area}{exch}{line:04d}", f" {area} {exch} {line:04d} ",
+        ][fmt]
+    if r < 0.96:
+        return rng.choice([f"+44 20 {rng.randint(7000, 8999)} {line:04d}", f"+49 30 {rng.randint(100000, 999999)}",
+                           f"+33 1 {rng.randint(10, 99)} {rng.randint(10, 99)} {rng.randint(10, 99)} {rng.randint(10, 99)}",
+                           f"+91 98{rng.randint(10000000, 99999999)}", f"+1 {area} {exch} {line:04d} x{rng.randint(1, 999)}"])
+    return rng.choice(["123", "n/a", "call me", "555-01", "0000000000000000000"])
+
+
+def generate(rows: int, seed: int = 7) -> tuple[pl.DataFrame, dict[str, int]]:
+    """The export as an all-String frame (no source_row) and the true counts for it."""
+    rng = random.Random(seed)
+    kinds = rng.choices(range(len(KINDS)), weights=WEIGHTS, k=rows)
+    records: list[tuple] = []
+    originals: list[int] = []  # indexes of valid/name_only rows a duplicate may copy
+    truth = dict.fromkeys(KINDS, 0)
+    for i, k in enumerate(kinds):
+        kind = KINDS[k]
+        if kind == "duplicate" and not originals:
+            kind = "valid"
+        truth[kind] += 1
+        first, last = rng.choice(FIRST), rng.choice(LAST)
+        user = f"{first.split()[0].lower()}.{last.split()[-1].lower()}{i}"
+        if i % 100:  # most addresses are ASCII even when the name is not; 1% keep the accents
+            user = _ascii(user)
+        domain = rng.choice(DOMAINS)
+        company = rng.choice(COMPANIES)
+        email: str | None
+        if kind == "duplicate":
+            src = records[rng.choice(originals)]
+            email = src[2]
+            if email is not None:
+                email = rng.choice([email.upper(), f"  {email.lower()} ", email])
+                first_d, last_d = src[0], src[1]
+            else:
+                first_d = f" {src[0].upper()} " if src[0] else src[0]
+                last_d = src[1].lower() if src[1] else src[1]
+            records.append((first_d, last_d, email, src[3], None, _phone(rng), None, src[7], None,
+                            src[9], src[10], src[11], src[12], "dup"))
+            continue
+        if kind == "valid":
+            email = rng.choice([f"{user}@{domain}", f" {user.title()}@{domain.upper()} ", f"{user}@{domain}\t"])
+        elif kind == "invalid_email":
+            email = rng.choice(INVALID).format(u=user, d=domain)
+        else:
+            email = None
+        if kind == "name_only":
+            company = f"{company} {i}"
+        elif kind == "missing_identity":
+            company = None
+        pad_first = rng.choice([first, f" {first}", f"{first}  ", first.upper() if i % 50 == 0 else first])
+        pad_last = rng.choice([last, f"  {last}", last.replace(" ", "  ")])
+        records.append((
+            pad_first, pad_last, email, company, rng.choice(TITLES), _phone(rng), _phone(rng) if i % 4 == 0 else None,
+            rng.choice(WEBSITES), f"linkedin.com/in/{user}/" if i % 3 == 0 else None,
+            rng.choice(CITIES), rng.choice(STATES), rng.choice(COUNTRIES), rng.choice(TAGS), rng.choice(["", "  ", "note"]),
+        ))
+        if kind in ("valid", "name_only"):
+            originals.append(len(records) - 1)
+    columns = ["First Name", "Last Name", "Email Address", "Company", "Job Title", "Phone", "Mobile", "Website",
+               "LinkedIn", "City", "State", "Country", "Tags", "Notes"]
+    frame = pl.DataFrame(records, schema=dict.fromkeys(columns, pl.String), orient="row")
+    frame = frame.with_columns(pl.int_range(1, rows + 1).cast(pl.String).alias("Record ID")).select(["Record ID", *columns])
+    return frame, {
+        "rows": rows,
+        "invalid_email": truth["invalid_email"],
+        "missing_identity": truth["missing_identity"],
+        "duplicates_in_source": truth["duplicate"],
+    }
+
+
+def write_export(rows: int, out: Path, seed: int = 7) -> dict[str, int]:
+    """Write the export CSV to ``out`` and return its true counts."""
+    frame, truth = generate(rows, seed)
+    frame.write_csv(out)
+    return truth
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    print(json.dumps(write_export(args.rows, args.out, args.seed)))
+
+
+if __name__ == "__main__":
+    main()
