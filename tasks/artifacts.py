@@ -3,7 +3,8 @@
 The flow awaits these plain async functions (no ``@task`` wrappers, so they add no task runs):
 
 - ``start_progress(total_rows)`` creates the progress artifact at 0 % and returns a ``ProgressHandle``;
-  ``advance_progress(handle, done_rows)`` moves it as chunks land (at most one API call per whole percent).
+  ``advance_progress(handle, done_rows)`` (cumulative) or ``add_progress(handle, rows)`` (a delta, for the
+  loader's per-chunk ``on_chunk_done``) moves it as chunks land (at most one API call per whole percent).
 - ``publish_run(summary, problems, source_uri=..., target_url=...)`` creates the markdown summary, the table of
   up to 100 failed or rejected rows, emits the ``apollo-sync.run.completed`` event with the counts, and records
   asset lineage source -> Apollo contacts through a one-off ``@materialize`` task.
@@ -99,18 +100,34 @@ async def advance_progress(handle: ProgressHandle, done_rows: int) -> None:
     """
     async with handle._lock:
         handle.done_rows = max(handle.done_rows, done_rows)
-        percent = percent_done(handle.done_rows, handle.total_rows)
-        if percent < 100.0 and percent - handle.shown_percent < 1.0:
-            return
-        if percent == handle.shown_percent or handle.artifact_id is None:
-            return
-        try:
-            await aupdate_progress_artifact(artifact_id=handle.artifact_id, progress=percent)
-        except Exception as exc:  # noqa: BLE001 - the load must go on; the next update may succeed
-            logger.warning("Could not update the progress artifact: %s", type(exc).__name__)
-            return
-        handle.shown_percent = percent
-        handle.updates += 1
+        await _show(handle)
+
+
+async def add_progress(handle: ProgressHandle, rows: int) -> None:
+    """Report ``rows`` more rows done (a delta): fits the loader's ``on_chunk_done``, called once per chunk.
+
+    ``on_chunk_done=lambda result: add_progress(handle, result.outcomes.height)``; same throttling as
+    ``advance_progress``, and the two can be mixed (a cumulative count never moves the bar backwards).
+    """
+    async with handle._lock:
+        handle.done_rows += rows
+        await _show(handle)
+
+
+async def _show(handle: ProgressHandle) -> None:
+    """Update the artifact if the value moved by a whole percent or reached 100 % (caller holds the lock)."""
+    percent = percent_done(handle.done_rows, handle.total_rows)
+    if percent < 100.0 and percent - handle.shown_percent < 1.0:
+        return
+    if percent == handle.shown_percent or handle.artifact_id is None:
+        return
+    try:
+        await aupdate_progress_artifact(artifact_id=handle.artifact_id, progress=percent)
+    except Exception as exc:  # noqa: BLE001 - the load must go on; the next update may succeed
+        logger.warning("Could not update the progress artifact: %s", type(exc).__name__)
+        return
+    handle.shown_percent = percent
+    handle.updates += 1
 
 
 # --- Rendering (pure) -----------------------------------------------------------------------
