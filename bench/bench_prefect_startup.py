@@ -19,7 +19,7 @@ Medians of --repeat runs; ratios against import_flow from the same run (shared n
 from __future__ import annotations
 
 import argparse
-import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -102,6 +102,7 @@ def main() -> None:
             cli[cli.index(str(state))] = str(work / f"cli-eph-{i}")
             results.setdefault("cli_ephemeral_warm", []).append(_time(cli, ephemeral | {"PREFECT_HOME": str(warm_home)}, ROOT))
 
+    shutil.rmtree(work, ignore_errors=True)
     reference = statistics.median(results["import_flow"])
     print(f"{'scenario':22} {'median s':>9} {'min s':>7} {'max s':>7} {'x import_flow':>14}   (n)")
     for name, times in results.items():

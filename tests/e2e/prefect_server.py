@@ -9,6 +9,7 @@ should talk to it; nothing in it comes from the developer's shell except PATH an
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,7 +80,7 @@ def _healthy(url: str) -> bool:
 
 @contextmanager
 def running_server() -> Iterator[PrefectServer]:
-    """``prefect server start`` on 127.0.0.1:<free port> with a throwaway PREFECT_HOME; SIGTERM on exit."""
+    """``prefect server start`` on 127.0.0.1:<free port> with a throwaway PREFECT_HOME; SIGTERM and removed on exit."""
     home = Path(tempfile.mkdtemp(prefix="apollo-sync-e2e-prefect-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -102,3 +103,4 @@ def running_server() -> Iterator[PrefectServer]:
         yield server
     finally:
         stop_process(proc)
+        shutil.rmtree(home, ignore_errors=True)
