@@ -1,0 +1,320 @@
+"""prepare(): each cleaning, validation and dedupe rule with its edge cases; payloads and fingerprints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from apollo_sync import expressions as ex
+from apollo_sync.errors import InputError
+from apollo_sync.mapping import Mapping
+from apollo_sync.transform import escape_for_spreadsheet, payload_fingerprint, prepare
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def frame(**columns: list[str | None]) -> pl.DataFrame:
+    """An all-String frame like the one sources.read_source gives (without source_row)."""
+    return pl.DataFrame({k: pl.Series(v, dtype=pl.String) for k, v in columns.items()})
+
+
+def payloads(prepared) -> list[dict]:
+    return [json.loads(p) for p in prepared.contacts.get_column("payload").to_list()]
+
+
+# --- Cleaning ------------------------------------------------------------------------------
+
+
+def test_clean_text_trims_collapses_and_nulls_empty() -> None:
+    got = frame(x=["  a  b ", "\tx\u00a0 y\n", "", "   ", None, "McDonald", "van der Berg"]).select(
+        ex.clean_text(pl.col("x"))
+    )
+    assert_frame_equal(got, frame(x=["a b", "x y", None, None, None, "McDonald", "van der Berg"]))
+
+
+def test_names_are_trimmed_and_keep_their_case() -> None:
+    p = prepare(frame(**{"First Name": ["  Ronald ", "Jan"], "Last Name": ["McDonald  ", " van  der Berg"],
+                         "Email": ["r@mcd.com", "jan@vdb.nl"]}))
+    assert_frame_equal(
+        p.contacts.select("first_name", "last_name"),
+        frame(first_name=["Ronald", "Jan"], last_name=["McDonald", "van der Berg"]),
+    )
+
+
+def test_email_is_trimmed_and_lower_cased() -> None:
+    p = prepare(frame(Email=["  Tim.Zheng@Example.COM\t", "ANN+tag@Sub.Example.co.uk"]))
+    assert p.contacts.get_column("email").to_list() == ["tim.zheng@example.com", "ann+tag@sub.example.co.uk"]
+    assert p.contacts.get_column("identity").to_list() == [
+        "email:tim.zheng@example.com",
+        "email:ann+tag@sub.example.co.uk",
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["n/a", "tim@", "@example.com", "tim..z@example.com", "tim@@example.com", "tim at example.com",
+     "tim@example", "tim@localhost", "tim@example.com.", "tim@-x.com", "tim@mail.test", "a b@example.com"],
+)
+def test_present_invalid_email_rejects_the_row(bad: str) -> None:
+    p = prepare(frame(**{"Email": [bad], "First Name": ["Tim"], "Last Name": ["Z"], "Company": ["Apollo"]}))
+    assert p.contacts.height == 0
+    assert_frame_equal(
+        p.rejected.select("source_row", "email", "reason"),
+        pl.DataFrame({"source_row": [1], "email": [bad], "reason": ["invalid_email"]}),
+    )
+
+
+def test_internationalised_email_is_checked_by_email_validator() -> None:
+    p = prepare(frame(Email=["zoë@bücher.de", "ok@xn--bcher-kva.de"]))
+    assert p.rejected.height == 0
+    assert p.contacts.get_column("email").to_list() == ["zoë@bücher.de", "ok@bücher.de"]
+
+
+def test_blank_email_is_no_email_not_an_invalid_one() -> None:
+    p = prepare(frame(Email=["   "], **{"First Name": ["Tim"], "Last Name": ["Z"], "Company": ["Apollo"]}))
+    assert p.rejected.height == 0
+    assert p.contacts.get_column("identity").to_list() == ["name:tim|z|apollo"]
+
+
+def test_rejected_rows_keep_their_original_values_as_json() -> None:
+    p = prepare(frame(Email=[" BAD "], Phone=["=1+2"], Notes=[None]))
+    assert json.loads(p.rejected.get_column("original")[0]) == {"Email": " BAD ", "Phone": "=1+2", "Notes": None}
+    assert p.rejected.get_column("email").to_list() == [" BAD "]
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "company"),
+    [(None, None, None), ("Tim", "Z", None), ("Tim", None, "Apollo"), (None, "Z", "Apollo"), ("  ", "Z", "Apollo")],
+)
+def test_no_email_and_incomplete_name_is_missing_identity(first, last, company) -> None:
+    p = prepare(frame(Email=[None], **{"First Name": [first], "Last Name": [last], "Company": [company]}))
+    assert p.rejected.get_column("reason").to_list() == ["missing_identity"]
+    assert p.contacts.height == 0
+
+
+def test_no_identity_columns_is_an_input_error() -> None:
+    with pytest.raises(InputError, match=r"no email or first/last name \+ company columns found in \['Name', 'Title'\]"):
+        prepare(frame(Name=["Tim"], Title=["CEO"]))
+
+
+def test_identity_columns_may_come_from_a_mapping_or_constants() -> None:
+    mapping = Mapping(columns={"Mail": "email"})
+    assert prepare(frame(Mail=["a@b.co"]), mapping=mapping).contacts.height == 1
+    mapping = Mapping(constants={"organization_name": "Apollo"})
+    p = prepare(frame(**{"First Name": ["Tim"], "Last Name": ["Z"]}), mapping=mapping)
+    assert p.contacts.get_column("identity").to_list() == ["name:tim|z|apollo"]
+
+
+# --- Phones --------------------------------------------------------------------------------
+
+
+def test_phones_become_e164_and_unusable_ones_are_dropped_and_counted() -> None:
+    raw = ["(415) 555-0123", "+1 415.555.0123 x12", "1-415-555-0123", "+44 20 7946 0958", "+44 (0)20 7946 0958",
+           "020 7946 0958", "123", "call me", None, "+49 30 901820"]
+    p = prepare(frame(Email=[f"p{i}@x.com" for i in range(len(raw))], Phone=raw))
+    assert p.contacts.get_column("direct_phone").to_list() == [
+        "+14155550123", "+14155550123", "+14155550123", "+442079460958", "+442079460958",
+        None, None, None, None, "+4930901820",
+    ]
+    assert p.phones_dropped == 3
+
+
+def test_phone_region_decides_national_numbers() -> None:
+    mobiles = ["020 7946 0958", "(415) 555-0123", "+1 (415) 555-0123", "12"]
+    p = prepare(frame(Email=["a@x.com", "b@x.com", "c@x.com", "d@x.com"], Mobile=mobiles), phone_region="gb")
+    assert p.contacts.get_column("mobile_phone").to_list() == ["+442079460958", "+444155550123", "+14155550123", None]
+    assert p.phones_dropped == 1
+
+
+def test_unknown_phone_region_is_an_input_error() -> None:
+    with pytest.raises(InputError, match="phone region"):
+        prepare(frame(Email=["a@x.com"]), phone_region="XX")
+
+
+def test_phones_in_rejected_rows_are_not_counted() -> None:
+    p = prepare(frame(Email=["bad"], Phone=["123"]))
+    assert p.phones_dropped == 0
+
+
+# --- Other fields --------------------------------------------------------------------------
+
+
+def test_website_linkedin_labels_and_address() -> None:
+    p = prepare(
+        frame(
+            Email=["a@x.com", "b@x.com", "c@x.com"],
+            Website=["HTTP://WWW.Acme.com/about?x=1", "acme.com", "not a site"],
+            LinkedIn=["linkedin.com/in/JDoe/", "https://www.linkedin.com/in/jdoe?trk=1", "twitter.com/x"],
+            Tags=["vip; Q4 import, vip", " ; ", None],
+            City=["Austin", None, None],
+            State=["TX", None, None],
+            Country=["USA", "UK", None],
+        )
+    )
+    got = p.contacts.select("website_url", "linkedin_url", "label_names", "present_raw_address")
+    expected = pl.DataFrame(
+        {
+            "website_url": ["https://acme.com", "https://acme.com", None],
+            "linkedin_url": ["https://www.linkedin.com/in/jdoe", "https://www.linkedin.com/in/jdoe", None],
+            "label_names": [["vip", "Q4 import"], None, None],
+            "present_raw_address": ["Austin, TX, USA", "UK", None],
+        }
+    )
+    assert_frame_equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("full", "first", "last"),
+    [
+        ("Jan van der Berg", "Jan", "van der Berg"),
+        ("Mary Ann Smith", "Mary Ann", "Smith"),
+        ("Smith, John", "John", "Smith"),
+        ("John Smith, Jr.", "John", "Smith, Jr."),
+        ("  Ronald   McDonald ", "Ronald", "McDonald"),
+        ("Cher", "Cher", None),
+    ],
+)
+def test_full_name_is_split(full: str, first: str, last: str | None) -> None:
+    p = prepare(frame(Name=[full], Company=["Acme"], Email=["x@y.com"]))
+    assert p.contacts.select("first_name", "last_name").row(0) == (first, last)
+
+
+def test_mapping_custom_fields_and_constants_reach_the_payload() -> None:
+    mapping = Mapping(
+        columns={"Score": "custom.64f0a1", "Tier": "custom.64f0b2"},
+        constants={"contact_stage_id": "stage-1", "label_names": ["Q4 import"], "title": "Unknown"},
+    )
+    p = prepare(frame(Email=["a@x.com", "b@x.com"], Score=["42", None], Tier=[None, None],
+                      Title=["CEO", None], Tags=["vip", None]), mapping=mapping)
+    assert payloads(p) == [
+        {"email": "a@x.com", "title": "CEO", "label_names": ["vip", "Q4 import"], "contact_stage_id": "stage-1",
+         "typed_custom_fields": {"64f0a1": "42"}},
+        {"email": "b@x.com", "title": "Unknown", "label_names": ["Q4 import"], "contact_stage_id": "stage-1"},
+    ]
+    assert p.column_map == {"Email": "email", "Score": "custom.64f0a1", "Tier": "custom.64f0b2",
+                            "Title": "title", "Tags": "label_names"}
+
+
+def test_payload_holds_only_non_null_apollo_fields_and_escapes_json() -> None:
+    p = prepare(frame(Email=["a@x.com"], **{"Job Title": ['Head of "R&D" \\ ops'], "Notes": ["secret"]}))
+    assert p.contacts.get_column("payload").to_list() == ['{"email":"a@x.com","title":"Head of \\"R&D\\" \\\\ ops"}']
+    assert p.unmapped_columns == ["Notes"]
+
+
+# --- Dedupe --------------------------------------------------------------------------------
+
+
+def test_duplicates_by_email_merge_into_the_first_and_fill_its_gaps() -> None:
+    p = prepare(
+        frame(
+            Email=["a@x.com", "b@x.com", " A@X.COM ", "a@x.com"],
+            **{"First Name": ["Ann", "Bob", "Annie", None], "Job Title": [None, "CTO", "CEO", "COO"],
+               "Phone": [None, None, None, "(415) 555-0123"]},
+        )
+    )
+    assert_frame_equal(
+        p.contacts.select("source_row", "email", "first_name", "title", "direct_phone"),
+        pl.DataFrame({"source_row": [1, 2], "email": ["a@x.com", "b@x.com"], "first_name": ["Ann", "Bob"],
+                      "title": ["CEO", "CTO"], "direct_phone": ["+14155550123", None]}),
+    )
+    assert_frame_equal(
+        p.duplicates,
+        pl.DataFrame({"source_row": [3, 4], "email": ["a@x.com", "a@x.com"], "merged_into": [1, 1]}),
+    )
+
+
+def test_rows_without_email_dedupe_by_name_and_company_case_insensitively() -> None:
+    p = prepare(
+        frame(
+            Email=[None, None, "tim@apollo.io", None],
+            **{"First Name": ["Tim", " TIM ", "Tim", "Tim"], "Last Name": ["Zheng", "zheng", "Zheng", "Zheng"],
+               "Company": ["Apollo", "apollo", "Apollo", "Apollo Inc"]},
+        )
+    )
+    assert p.contacts.get_column("source_row").to_list() == [1, 3, 4]
+    assert p.duplicates.select("source_row", "merged_into").rows() == [(2, 1)]
+
+
+def test_source_row_is_kept_when_given_and_numbered_when_absent() -> None:
+    given = frame(Email=["a@x.com", "b@x.com"]).with_columns(pl.Series("source_row", [10, 12], dtype=pl.Int64))
+    assert prepare(given).contacts.get_column("source_row").to_list() == [10, 12]
+    assert prepare(frame(Email=["a@x.com", "b@x.com"]).lazy()).contacts.get_column("source_row").to_list() == [1, 2]
+
+
+def test_every_row_ends_in_exactly_one_result() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from make_crm_export import generate
+
+    export, truth = generate(3000, seed=3)
+    p = prepare(export)
+    rows = pl.concat([p.contacts.select("source_row"), p.rejected.select("source_row"), p.duplicates.select("source_row")])
+    assert rows.get_column("source_row").sort().to_list() == list(range(1, 3001))
+    reasons = p.rejected.get_column("reason").to_list()
+    assert reasons.count("invalid_email") == truth["invalid_email"]
+    assert reasons.count("missing_identity") == truth["missing_identity"]
+    assert p.duplicates.height == truth["duplicates_in_source"]
+    assert p.contacts.filter(pl.col("organization_name").is_not_null()).height > 0  # Company -> organization_name
+    assert p.column_map["Company"] == "organization_name" and p.column_map["Job Title"] == "title"
+    for name in ("first_name", "last_name", "organization_name", "title"):
+        values = p.contacts.get_column(name).drop_nulls()
+        assert (values == values.str.strip_chars()).all() and not values.str.contains("  ").any()
+    for name in ("direct_phone", "mobile_phone"):
+        assert p.contacts.get_column(name).drop_nulls().str.contains(r"^\+[1-9]\d{6,14}$").all()
+
+
+# --- Fingerprint ---------------------------------------------------------------------------
+
+
+def murmur3_32(data: bytes, seed: int = 0) -> int:
+    """Reference MurmurHash3 x86_32, written from the published algorithm."""
+    c1, c2, h, n, mask = 0xCC9E2D51, 0x1B873593, seed, len(data), 0xFFFFFFFF
+
+    def rotl(x: int, r: int) -> int:
+        return ((x << r) | (x >> (32 - r))) & mask
+
+    for i in range(0, n // 4 * 4, 4):
+        k = rotl((int.from_bytes(data[i:i + 4], "little") * c1) & mask, 15) * c2 & mask
+        h = (rotl(h ^ k, 13) * 5 + 0xE6546B64) & mask
+    tail = data[n // 4 * 4:]
+    if tail:
+        h ^= rotl((int.from_bytes(tail, "little") * c1) & mask, 15) * c2 & mask
+    h ^= n
+    for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        h = ((h ^ (h >> shift)) * mult) & mask
+    return h ^ (h >> 16)
+
+
+@pytest.mark.parametrize("payload", ["{}", '{"email":"a@x.com"}', '{"first_name":"Zoë","title":"R&D ✓"}', "x" * 101])
+def test_fingerprint_is_murmur3_of_the_payload(payload: str) -> None:
+    got = pl.select(payload_fingerprint(pl.lit(payload))).item()
+    expected = "".join(f"{murmur3_32((salt + payload).encode()):010d}" for salt in ("0:", "1:"))
+    assert got == expected
+
+
+def test_fingerprint_is_the_same_in_another_process() -> None:
+    code = (
+        "import polars as pl\nfrom apollo_sync.transform import prepare\n"
+        "p = prepare(pl.DataFrame({'Email': ['a@x.com', 'b@y.org'], 'Job Title': ['CEO', None]}))\n"
+        "print(','.join(p.contacts.get_column('fingerprint')))"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    here = prepare(frame(Email=["a@x.com", "b@y.org"], **{"Job Title": ["CEO", None]}))
+    assert other.stdout.strip() == ",".join(here.contacts.get_column("fingerprint"))
+    assert len(set(here.contacts.get_column("fingerprint"))) == 2
+
+
+# --- Spreadsheet safety --------------------------------------------------------------------
+
+
+def test_escape_for_spreadsheet_prefixes_formula_starts() -> None:
+    df = pl.DataFrame({"a": ["=SUM(A1)", "+1", "-2", "@x", "\tx", "ok", None, "a=b"], "n": [1, 2, 3, 4, 5, 6, 7, 8]})
+    assert_frame_equal(
+        escape_for_spreadsheet(df),
+        pl.DataFrame({"a": ["'=SUM(A1)", "'+1", "'-2", "'@x", "'\tx", "ok", None, "a=b"], "n": [1, 2, 3, 4, 5, 6, 7, 8]}),
+    )
