@@ -2,7 +2,8 @@
 
 A :class:`LoadSession` lives for one run (the flow calls :meth:`LoadSession.load` once per group of chunks) and
 holds the client, the pacer, the ledger and cumulative :class:`LoadStats`. For each chunk it marks the rows
-``pending`` in the ledger, sends them, and records the outcome of every row in one transaction. The rules:
+``pending`` in the ledger (one transaction), sends them, and records the outcome of every row (one transaction,
+done beside the next request so a slot never waits on the ledger). The rules:
 
 * 429: wait as the pacer says (``Retry-After``) and retry; these retries have their own, larger bound.
 * 5xx, timeouts, dropped connections: retry with exponential backoff and jitter, up to ``max_attempts``. The
@@ -167,11 +168,12 @@ class _Call:
 class LoadSession:
     """Loads chunks for one run; see the module docstring for the rules.
 
-    ``client`` must already be open (``async with ApolloClient(...)``); ``settle_seconds`` defaults to
-    ``SETTLE_FACTOR`` times its timeout. ``ledger`` may be None (nothing is
-    remembered). ``before_request`` is awaited before every HTTP request (the flow passes a Prefect global
-    rate-limit acquire); ``on_chunk_done(ChunkResult)`` is called (and awaited if it returns an awaitable) after
-    each chunk.
+    ``client`` must already be open (``async with ApolloClient(...)``). ``ledger`` may be None (nothing is
+    remembered). At most ``concurrency`` chunks are in progress, so at most that many requests are in flight.
+    ``before_request`` is awaited before every HTTP request (the flow passes a Prefect global rate-limit
+    acquire); ``on_chunk_done(ChunkResult)`` is called (and awaited if it returns an awaitable) after each chunk
+    is recorded. ``settle_seconds`` defaults to ``SETTLE_FACTOR`` times the client's timeout; ``seed`` fixes the
+    backoff jitter.
     """
 
     def __init__(
