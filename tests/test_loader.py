@@ -110,6 +110,25 @@ def test_401_stops_at_once_with_an_outcome_for_every_row(sandbox, tmp_path):
     assert set(outcomes["outcome"]) == {"failed"}
     assert outcomes["reason"].str.contains("not sent").all()
     assert sandbox.contacts() == []
+    # Rows of the first wave were marked pending and are now failed; the rest never touched the ledger.
+    counts = Ledger.open(tmp_path).status_counts(target_for(sandbox.gateway_base_url))
+    assert set(counts) == {"failed"} and counts["failed"] <= 300
+
+
+def test_after_an_auth_error_later_calls_send_nothing(sandbox):
+    async def scenario():
+        async with ApolloClient(sandbox.gateway_base_url, "wrong") as client:
+            session = LoadSession(client, Pacer(), None, target="t", chunk_size=10, concurrency=1)
+            chunks = session.make_chunks(make_contacts(30))
+            with pytest.raises(AuthError):
+                await session.load(chunks[:1])
+            with pytest.raises(AuthError) as again:
+                await session.load(chunks[1:])
+            return session, again.value.result
+
+    session, result = run(scenario())
+    assert sandbox.stats()["requests"] == 1 and session.stats.requests == 1
+    assert result.outcomes["source_row"].to_list() == list(range(11, 31)) and set(result.outcomes["outcome"]) == {"failed"}
 
 
 def test_refused_connection_fails_rows_as_not_landed(tmp_path):
