@@ -30,7 +30,7 @@ from apollo_sync.loader import LoadSession
 from apollo_sync.pacing import Pacer
 from apollo_sync.report import build_summary, results_frame, summary_problems, RESULTS_SCHEMA
 from apollo_sync.sources import SourceOptions
-from tasks.artifacts import advance_progress, publish_run, start_progress
+from tasks.artifacts import add_progress, publish_run, start_progress
 from tasks.credentials import resolve_api_key
 from tasks.extract import clean_contacts, read_contacts
 from tasks.load import send_chunks
@@ -39,6 +39,11 @@ from tasks.report import write_report_files
 
 class LoadAborted(ApolloSyncError):
     """The run stopped before every row was sent (for example on a 401); the report says which rows."""
+
+
+def _form(title: str, **constraints):
+    """A parameter's title and constraints for the Prefect UI form (Prefect keeps titles only from json_schema_extra)."""
+    return Field(json_schema_extra={"title": title}, **constraints)
 
 
 def _run_name() -> str:
@@ -52,28 +57,32 @@ def _run_name() -> str:
 
 @flow(name="sync-contacts", flow_run_name=_run_name, persist_result=True, validate_parameters=True)
 async def sync_contacts(
-    source: Annotated[str, Field(min_length=1)],
-    base_url: str = settings.GATEWAY_BASE_URL,
-    labels: list[str] = [],  # noqa: B006 - Prefect copies parameters
-    run_dedupe: bool = True,
-    chunk_size: Annotated[int, Field(ge=1, le=settings.MAX_CONTACTS_PER_REQUEST)] = settings.DEFAULT_CHUNK_SIZE,
-    concurrency: Annotated[int, Field(ge=1, le=32)] = settings.DEFAULT_CONCURRENCY,
-    timeout: Annotated[float, Field(gt=0, le=600)] = settings.DEFAULT_TIMEOUT_SECONDS,
-    dry_run: bool = False,
-    report_dir: str | None = None,
-    state_dir: str = settings.DEFAULT_STATE_DIR,
-    mapping: str | None = None,
-    auth: Literal["auto", "bearer", "x-api-key"] = "auto",
-    api_key_block: str | None = settings.DEFAULT_SECRET_BLOCK,
-    full_refresh: bool = False,
-    max_rpm: Annotated[int | None, Field(ge=1)] = None,
-    rate_limit_name: str | None = None,
-    phone_region: Annotated[str, Field(min_length=2, max_length=2)] = settings.DEFAULT_PHONE_REGION,
-    format: Literal["csv", "tsv", "parquet", "json", "ndjson", "xlsx"] | None = None,
-    delimiter: Annotated[str | None, Field(min_length=1, max_length=1)] = None,
-    encoding: str = "utf-8",
-    query: str | None = None,
-    cursor_column: str | None = None,
+    source: Annotated[str, _form("Source", min_length=1)],
+    base_url: Annotated[str, _form("Apollo base URL")] = settings.GATEWAY_BASE_URL,
+    labels: Annotated[list[str], _form("Labels")] = [],  # noqa: B006 - Prefect copies parameters
+    run_dedupe: Annotated[bool, _form("Server-side dedupe")] = True,
+    chunk_size: Annotated[int, _form("Contacts per request", ge=1, le=settings.MAX_CONTACTS_PER_REQUEST)] = (
+        settings.DEFAULT_CHUNK_SIZE
+    ),
+    concurrency: Annotated[int, _form("Requests in flight", ge=1, le=32)] = settings.DEFAULT_CONCURRENCY,
+    timeout: Annotated[float, _form("Request timeout (seconds)", gt=0, le=600)] = settings.DEFAULT_TIMEOUT_SECONDS,
+    dry_run: Annotated[bool, _form("Dry run")] = False,
+    report_dir: Annotated[str | None, _form("Report directory")] = None,
+    state_dir: Annotated[str, _form("State directory")] = settings.DEFAULT_STATE_DIR,
+    mapping: Annotated[str | None, _form("Mapping file (TOML)")] = None,
+    auth: Annotated[Literal["auto", "bearer", "x-api-key"], _form("Auth header")] = "auto",
+    api_key_block: Annotated[str | None, _form("Secret block with the API key")] = settings.DEFAULT_SECRET_BLOCK,
+    full_refresh: Annotated[bool, _form("Full refresh")] = False,
+    max_rpm: Annotated[int | None, _form("Max requests per minute", ge=1)] = None,
+    rate_limit_name: Annotated[str | None, _form("Shared rate limit (Prefect)")] = None,
+    phone_region: Annotated[str, _form("Default phone region", min_length=2, max_length=2)] = (
+        settings.DEFAULT_PHONE_REGION
+    ),
+    format: Annotated[Literal["csv", "tsv", "parquet", "json", "ndjson", "xlsx"] | None, _form("Source format")] = None,
+    delimiter: Annotated[str | None, _form("CSV delimiter", min_length=1, max_length=1)] = None,
+    encoding: Annotated[str, _form("Source encoding")] = "utf-8",
+    query: Annotated[str | None, _form("SQL query or table")] = None,
+    cursor_column: Annotated[str | None, _form("Incremental cursor column")] = None,
 ) -> dict:
     """Sync contacts from a source into Apollo and report what happened to every row.
 
@@ -191,12 +200,26 @@ async def _load(to_send: pl.DataFrame, *, ledger: Ledger, target: str, run_id: s
     before_request = _shared_rate_limit(rate_limit_name) if rate_limit_name else None
     total = to_send.height
     progress = await start_progress(total)
-    done = 0
+    started = time.monotonic()
+    last_log = [started]
+
+    async def on_chunk_done(result) -> None:
+        """Move the progress artifact per chunk; log a progress line at most every 10 seconds."""
+        await add_progress(progress, result.outcomes.height)
+        now = time.monotonic()
+        if now - last_log[0] >= 10 or progress.done_rows >= total:
+            last_log[0] = now
+            rate = progress.done_rows / max(now - started, 1e-9)
+            eta = (total - progress.done_rows) / rate if rate else float("inf")
+            log.info("Progress: %d of %d contacts (%.0f%%), %.0f contacts/s, about %.0fs to go",
+                     progress.done_rows, total, 100 * progress.done_rows / total, rate, eta)
+
     aborted = None
     async with ApolloClient(base_url, api_key, auth=auth, timeout=timeout) as client:
         session = LoadSession(
             client, Pacer(max_rpm=max_rpm), ledger, target=target, labels=labels, run_dedupe=run_dedupe,
             concurrency=concurrency, chunk_size=chunk_size, run_id=run_id, before_request=before_request,
+            on_chunk_done=on_chunk_done,
         )
         chunks = session.make_chunks(to_send)
         groups = [chunks[i : i + settings.CHUNKS_PER_LOAD_TASK] for i in range(0, len(chunks), settings.CHUNKS_PER_LOAD_TASK)]
@@ -211,9 +234,6 @@ async def _load(to_send: pl.DataFrame, *, ledger: Ledger, target: str, run_id: s
                 log.error("Stopped: %s", exc)
                 break
             parts.append(result.outcomes)
-            done += result.outcomes.height
-            await advance_progress(progress, done)
-            log.info("Progress: %d of %d contacts (%.0f%%)", done, total, 100 * done / total)
         stats = session.stats.as_dict()
     outcomes = pl.concat(parts, how="vertical") if parts else _as_outcomes(to_send.head(0), "failed")
     if aborted is not None:

@@ -97,7 +97,7 @@ def test_parameter_form_has_titles_descriptions_enums_and_bounds():
     for name, prop in properties.items():
         # Prefect sets the title to the parameter name and overwrites Field(title=...); a human title needs
         # Field(json_schema_extra={"title": ...}), which survives (checked on 3.9.1)
-        assert prop.get("title"), f"{name} has no title"
+        assert prop.get("title") and prop["title"] != name, f"{name} has no title of its own"
         assert prop.get("description"), f"{name} has no description (Args: in the docstring)"
     assert properties["auth"]["enum"] == ["auto", "bearer", "x-api-key"]
     assert (properties["chunk_size"]["minimum"], properties["chunk_size"]["maximum"]) == (1, 100)

@@ -1,0 +1,155 @@
+"""Property tests: the vectorised fast paths agree with the libraries; cleaning is idempotent; no identity is lost."""
+
+from __future__ import annotations
+
+import json
+
+import phonenumbers
+import polars as pl
+from email_validator import EmailNotValidError, validate_email
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from apollo_sync import expressions as ex
+from apollo_sync.transform import _country_rules, _e164, prepare
+
+FAST = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+WHOLE = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+"""prepare() costs ~15 ms a call: fewer examples keep these files under 20 s."""
+
+# --- Email fast paths agree with email-validator ---------------------------------------------
+
+_local = st.text(alphabet="abz09._%+-'!#\"() ", min_size=0, max_size=12)
+_domain = st.lists(st.text(alphabet="abz09-", min_size=0, max_size=8), min_size=1, max_size=4).map(".".join)
+_tld = st.sampled_from(["com", "io", "c", "co1", "test", "local", "xn--p1ai", "", "COM"])
+emails = st.one_of(
+    st.emails().map(str.lower),
+    st.builds(lambda l, d, t, at: f"{l}{at}{d}.{t}", _local, _domain, _tld, st.sampled_from(["@", "@@", "", "@."])),
+    st.text(alphabet="a@.-_ +", max_size=12),
+)
+
+
+def _validator(value: str) -> str | None:
+    try:
+        return validate_email(value, check_deliverability=False).normalized
+    except EmailNotValidError:
+        return None
+
+
+@FAST
+@given(st.lists(emails, min_size=1, max_size=20))
+def test_email_fast_paths_agree_with_email_validator(values: list[str]) -> None:
+    df = pl.DataFrame({"e": values}).select(
+        "e", ex.email_fast_valid(pl.col("e")).alias("valid"), ex.email_fast_invalid(pl.col("e")).alias("invalid")
+    )
+    for value, valid, invalid in df.iter_rows():
+        verdict = _validator(value)
+        assert not (valid and invalid), value
+        if valid:
+            assert verdict == value, value
+        if invalid:
+            assert verdict is None, value
+
+
+# --- Phone fast paths agree with phonenumbers -------------------------------------------------
+
+_sep = st.sampled_from(["", " ", "-", ".", "  ", "/"])
+_digits = st.text(alphabet="0123456789", min_size=1, max_size=5)
+nanp_phones = st.builds(
+    lambda prefix, area, s1, exch, s2, line, ext: f"{prefix}{area}{s1}{exch}{s2}{line}{ext}",
+    st.sampled_from(["", "1", "1-", "+1 ", "+1", "+1-", "(", "+ 1 "]),
+    st.text(alphabet="0123456789", min_size=3, max_size=3).flatmap(lambda a: st.sampled_from([a, f"({a})", f"{a})"])),
+    _sep,
+    st.text(alphabet="0123456789", min_size=3, max_size=3),
+    _sep,
+    st.text(alphabet="0123456789", min_size=3, max_size=5),
+    st.sampled_from(["", " x12", "x9", " ext. 123", " ext 5", " #1"]),
+)
+_codes = sorted(str(c) for c in phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
+intl_phones = st.builds(
+    lambda code, groups, seps: "+" + code + "".join(s + g for s, g in zip(seps, groups)),
+    st.sampled_from(_codes),
+    st.lists(_digits, min_size=1, max_size=4),
+    st.lists(_sep, min_size=4, max_size=4),
+)
+
+
+@FAST
+@given(st.lists(nanp_phones, min_size=1, max_size=10), st.sampled_from(["US", "CA", "GB", "DE"]))
+def test_north_american_fast_path_agrees_with_phonenumbers(values: list[str], region: str) -> None:
+    nanp = phonenumbers.country_code_for_region(region) == 1
+    got = pl.DataFrame({"p": values}).select(ex.phone_nanp_e164(pl.col("p"), nanp_region=nanp)).to_series()
+    for value, fast in zip(values, got.to_list()):
+        if fast is not None:
+            assert fast == _e164(value, region), value
+
+
+@FAST
+@given(st.lists(intl_phones, min_size=1, max_size=10), st.sampled_from(["US", "GB", "IT"]))
+def test_international_fast_path_agrees_with_phonenumbers(values: list[str], region: str) -> None:
+    series = pl.Series("p", values)
+    decided, e164 = ex.phone_international_e164(pl.col("p"), _country_rules(series))
+    df = series.to_frame().select("p", decided.alias("d"), e164.alias("e"))
+    for value, is_decided, fast in df.iter_rows():
+        if is_decided:
+            assert fast == _e164(value, region), value
+
+
+def test_international_fast_path_decides_the_common_shapes() -> None:
+    series = pl.Series("p", ["+44 20 7946 0958", "+49 30 901820", "+33 1 23 45 67 89", "+44 020 7946 0958"])
+    decided, _ = ex.phone_international_e164(pl.col("p"), _country_rules(series))
+    assert series.to_frame().select(decided).to_series().to_list() == [True, True, True, False]
+
+
+# --- prepare(): idempotent, and no identity lost -----------------------------------------------
+
+_name = st.sampled_from(["Ann", " ann ", "ANN", "Bob", "Mary  Ann", "van der Berg", "", None, "Zoë"])
+_company = st.sampled_from(["Acme", "acme ", "Globex", "", None])
+_email = st.sampled_from(["a@x.com", " A@X.com", "b@y.io", "bad@", "", None, "zoë@bücher.de"])
+_phone = st.sampled_from(["(415) 555-0123", "+44 20 7946 0958", "123", None, "020 7946 0958"])
+rows = st.lists(st.tuples(_name, _name, _email, _company, _phone), min_size=1, max_size=25)
+COLUMNS = ["First Name", "Last Name", "Email", "Company", "Phone"]
+
+
+def _frame(data: list[tuple]) -> pl.DataFrame:
+    return pl.DataFrame(data, schema=dict.fromkeys(COLUMNS, pl.String), orient="row")
+
+
+@WHOLE
+@given(rows)
+def test_cleaning_is_idempotent(data: list[tuple]) -> None:
+    once = prepare(_frame(data))
+    again_input = once.contacts.select(
+        pl.col("first_name").alias("First Name"), pl.col("last_name").alias("Last Name"),
+        pl.col("email").alias("Email"), pl.col("organization_name").alias("Company"),
+        pl.col("direct_phone").alias("Phone"), pl.col("source_row"),
+    )
+    twice = prepare(again_input)
+    assert twice.rejected.height == 0 and twice.duplicates.height == 0 and twice.phones_dropped == 0
+    assert twice.contacts.select("source_row", "identity", "payload").equals(
+        once.contacts.select("source_row", "identity", "payload")
+    )
+
+
+@WHOLE
+@given(rows)
+def test_no_row_loses_its_identity(data: list[tuple]) -> None:
+    p = prepare(_frame(data))
+    identity_of = dict(zip(p.contacts.get_column("source_row"), p.contacts.get_column("identity")))
+    merged = dict(zip(p.duplicates.get_column("source_row"), p.duplicates.get_column("merged_into")))
+    rejected = set(p.rejected.get_column("source_row"))
+    assert len(identity_of) + len(merged) + len(rejected) == len(data)
+    for row, (first, last, email, company, _) in enumerate(data, start=1):
+        email_text = (email or "").strip().lower()
+        if row in rejected:
+            continue
+        survivor = merged.get(row, row)
+        identity = identity_of[survivor]
+        if email_text:
+            assert identity == f"email:{_validator(email_text)}"
+        else:
+            parts = [" ".join((v or "").split()).lower() for v in (first, last, company)]
+            assert all(parts) and identity == "name:" + "|".join(parts)
+    for payload in p.contacts.get_column("payload"):
+        body = json.loads(payload)
+        assert body.get("email") or {"first_name", "last_name", "organization_name"} <= set(body)
