@@ -19,12 +19,21 @@ WHOLE = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCh
 
 # --- Email fast paths agree with email-validator ---------------------------------------------
 
-_local = st.text(alphabet="abz09._%+-'!#\"() ", min_size=0, max_size=12)
-_domain = st.lists(st.text(alphabet="abz09-", min_size=0, max_size=8), min_size=1, max_size=4).map(".".join)
-_tld = st.sampled_from(["com", "io", "c", "co1", "test", "local", "xn--p1ai", "", "COM"])
+_atoms = st.lists(st.text(alphabet="ab0_%+'-", min_size=0, max_size=4), min_size=1, max_size=3).map(".".join)
+_local = st.one_of(_atoms, _atoms, st.text(alphabet="ab.!#\"() é", max_size=8))  # empty atoms give "..", ".a"
+_random_domain = st.builds(
+    lambda labels, tld: ".".join(labels + [tld]),
+    st.lists(st.text(alphabet="ab0-", min_size=0, max_size=5), min_size=1, max_size=3),
+    st.sampled_from(["com", "io", "c", "co1", "test", "local", "xn--p1ai", "", "COM", "onion"]),
+)
+_domain = st.one_of(
+    st.sampled_from(["a.com", "ab0.io", "x-y.co.uk", "a..com", "-a.com", "a-.com", "a.test", "b.a.local", "a.c",
+                     "b.xn--p1ai", "x" * 64 + ".com", "a.c0m", "mail.example.org"]),
+    _random_domain,
+)
 emails = st.one_of(
     st.emails().map(str.lower),
-    st.builds(lambda l, d, t, at: f"{l}{at}{d}.{t}", _local, _domain, _tld, st.sampled_from(["@", "@@", "", "@."])),
+    st.builds(lambda l, at, d: f"{l}{at}{d}", _local, st.sampled_from(["@", "@", "@@", "", "@."]), _domain),
     st.text(alphabet="a@.-_ +", max_size=12),
 )
 
@@ -49,6 +58,18 @@ def test_email_fast_paths_agree_with_email_validator(values: list[str]) -> None:
             assert verdict == value, value
         if invalid:
             assert verdict is None, value
+
+
+EMAIL_EDGES = [
+    "a@" + "x" * 63 + ".com", "a@" + "x" * 64 + ".com", "a" * 64 + "@b.com", "a" * 65 + "@b.com",
+    "a@" + ".".join(["x" * 60] * 4) + ".com", "a@b.c0m", "a@b.c", "a@b.onion", "a@b.local", "a@b.test",
+    "a@xn--p1ai.com", "o'brien@b.com", "a+b%c@b-c.co.uk", "a.b@c.com", ".a@c.com", "a.@c.com", "a..b@c.com",
+    "a@-b.com", "a@b-.com", "a@b..com", "a@@b.com", "a b@c.com", "zoë@b.com", "a@bücher.de", "\"a\"@b.com",
+]
+
+
+def test_email_fast_paths_agree_with_email_validator_on_edges() -> None:
+    test_email_fast_paths_agree_with_email_validator.hypothesis.inner_test(EMAIL_EDGES)
 
 
 # --- Phone fast paths agree with phonenumbers -------------------------------------------------
@@ -93,6 +114,19 @@ def test_international_fast_path_agrees_with_phonenumbers(values: list[str], reg
     for value, is_decided, fast in df.iter_rows():
         if is_decided:
             assert fast == _e164(value, region), value
+
+
+PHONE_EDGES = [
+    "+7 8 916 123 4567", "+7 916 123 4567", "+375 80 29 123 4567", "+61 1831 2345 6789", "+61 2 9876 5432",
+    "+86 1234 5678 9012 3", "+39 06 1234 5678", "+39 312 345 6789", "+44 7911 123456", "+44 020 7946 0958",
+    "+49 0 30 901820", "+353 1 234 5678", "+1 415 555 0123", "+1 155 555 0123", "+999 123", "+0 123 456",
+    "+81 3 1234 5678", "+81 0003 1234 567", "+36 06 1 234 5678", "+993 8 12 345678",
+]
+
+
+def test_international_fast_path_agrees_with_phonenumbers_on_edges() -> None:
+    for region in ("US", "GB"):
+        test_international_fast_path_agrees_with_phonenumbers.hypothesis.inner_test(PHONE_EDGES, region)
 
 
 def test_international_fast_path_decides_the_common_shapes() -> None:
