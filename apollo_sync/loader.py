@@ -99,6 +99,8 @@ class LoadStats:
     existing: int = 0
     failed: int = 0
     unconfirmed: int = 0
+    unmatched_returned: int = 0
+    """Contacts in answers that matched no sent row (a sign the answer and the payload disagree)."""
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict (for summaries and artifacts)."""
@@ -386,6 +388,8 @@ class LoadSession:
                 continue
             self.pacer.observe(answer.rate, ticket)
             matched = reconcile(rows.sent, answer.created, answer.existing)
+            if matched.unmatched_returned:
+                self._count(call, "unmatched_returned", matched.unmatched_returned)
             notes = {"unconfirmed": "sent, but not in the answer"}
             if unknown:
                 notes["existing"] = "matched on a retry: an earlier attempt whose answer was lost may have created it"

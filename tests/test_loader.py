@@ -200,6 +200,29 @@ def test_must_dedupe_rows_are_chunked_apart_and_sent_with_dedupe():
     assert flags == {("u1@example.com", "u3@example.com"): False, ("u6@example.com",): False,
                      ("u2@example.com", "u4@example.com"): True, ("u5@example.com",): True}
     assert sorted(result.outcomes["source_row"].to_list()) == [1, 2, 3, 4, 5, 6]
+    assert result.stats.unmatched_returned == 0
+
+
+def test_a_row_missing_from_the_answer_is_unconfirmed_and_stays_pending(tmp_path):
+    """The API answers 200 but leaves one contact out and returns a stranger: never silently dropped."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent = json.loads(request.content)["contacts"]
+        answer = [{"id": f"id-{c['email']}", "email": c["email"]} for c in sent[1:]] + [{"id": "x", "email": "who@else.io"}]
+        return httpx.Response(200, json={"created_contacts": answer, "existing_contacts": []})
+
+    async def scenario():
+        ledger = Ledger.open(tmp_path)
+        async with ApolloClient("https://gw.test/apis/v1/apollo", "k", transport=httpx.MockTransport(handler)) as client:
+            session = LoadSession(client, Pacer(), ledger, target="t", chunk_size=3)
+            result = await session.load(session.make_chunks(make_contacts(6)))
+        return session, result, ledger.status_counts("t")
+
+    session, result, counts = run(scenario())
+    by_row = dict(zip(result.outcomes["source_row"], result.outcomes["outcome"]))
+    assert by_row == {1: "unconfirmed", 2: "created", 3: "created", 4: "unconfirmed", 5: "created", 6: "created"}
+    assert session.stats.unmatched_returned == 2 and session.stats.unconfirmed == 2
+    assert counts == {"pending": 2, "created": 4}
 
 
 def test_bad_settings_and_missing_columns_are_input_errors():
