@@ -318,3 +318,26 @@ def test_escape_for_spreadsheet_prefixes_formula_starts() -> None:
         escape_for_spreadsheet(df),
         pl.DataFrame({"a": ["'=SUM(A1)", "'+1", "'-2", "'@x", "'\tx", "ok", None, "a=b"], "n": [1, 2, 3, 4, 5, 6, 7, 8]}),
     )
+
+
+def test_repeating_columns_are_cleaned_per_distinct_value_with_the_same_result() -> None:
+    # 2 distinct values in 12 rows: prepare evaluates these columns once per distinct value and maps back.
+    n = 12
+    p = prepare(
+        frame(
+            Email=[f"u{i}@x.com" for i in range(n)],
+            Website=["WWW.Acme.com/", None] * (n // 2),
+            Tags=["vip; b", None] * (n // 2),
+            City=[None, " Austin "] * (n // 2),
+            LinkedIn=["linkedin.com/in/a/", None] * (n // 2),
+        )
+    )
+    expected = pl.DataFrame(
+        {
+            "website_url": ["https://acme.com", None] * (n // 2),
+            "label_names": [["vip", "b"], None] * (n // 2),
+            "present_raw_address": [None, "Austin"] * (n // 2),
+            "linkedin_url": ["https://www.linkedin.com/in/a", None] * (n // 2),
+        }
+    )
+    assert_frame_equal(p.contacts.select(expected.columns), expected)
