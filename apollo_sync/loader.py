@@ -9,9 +9,11 @@ millisecond for 100 rows, and a thread hop measured slower (GIL hand-offs) than 
 * 429: wait as the pacer says (``Retry-After``) and retry; these retries have their own, larger bound.
 * 5xx, timeouts, dropped connections: retry with exponential backoff and jitter, up to ``max_attempts``. The
   request may have landed, so every later attempt of those rows runs with ``run_dedupe`` true, whatever the user
-  chose: no second contact is created. After a timeout or a dropped connection the retry waits at least
-  ``settle_seconds`` (default twice the client timeout), so a server still processing the first request has
-  stored it before the retry's dedupe looks (a server slower than that could still race a retry). A
+  chose: no second contact is created. After a timeout or a dropped connection of an attempt sent *without*
+  dedupe, the retry waits at least ``settle_seconds`` (default twice the client timeout), so a server still
+  processing that attempt has stored it before the retry's dedupe looks (a server slower than that could still
+  race a retry). An attempt sent with dedupe needs no wait: whichever of it and its retry lands second finds the
+  first. A
   ``Retry-After`` on a 5xx is honoured too.
 * 401/403: raise ``AuthError`` at once; no further request is sent by this session. The exception carries
   ``result`` (a :class:`GroupResult` with an outcome for every row of the call).
@@ -383,8 +385,10 @@ class LoadSession:
                 unknown = unknown or exc.maybe_landed
                 reason = exc.message
                 logger.debug("retrying %d rows after %s", len(rows), reason)
-                # The server may still be working on it: let it finish, so the retry's dedupe sees its contacts.
-                await self._backoff(attempts, at_least=self.settle_seconds if exc.maybe_landed else 0.0)
+                # The server may still be working on an attempt sent without dedupe: let it finish, so the retry's
+                # dedupe sees its contacts. An attempt sent with dedupe cannot race its retry into a duplicate.
+                settle = exc.maybe_landed and not send_dedupe
+                await self._backoff(attempts, at_least=self.settle_seconds if settle else 0.0)
                 continue
             self.pacer.observe(answer.rate, ticket)
             matched = reconcile(rows.sent, answer.created, answer.existing)

@@ -11,6 +11,7 @@ Reads top to bottom like the pipeline:
 """
 
 import hashlib
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -114,6 +115,7 @@ async def sync_contacts(
     """
     started = time.monotonic()
     log = get_run_logger()
+    _forward_library_logs()
     run_id = str(flow_run.get_id() or uuid.uuid4())
     state = Path(state_dir)
     target = target_for(base_url)
@@ -243,6 +245,21 @@ async def _load(to_send: pl.DataFrame, *, ledger: Ledger, target: str, run_id: s
             how="vertical",
         )
     return outcomes, stats, aborted
+
+
+def _forward_library_logs() -> None:
+    """Send the plain modules' log lines (pacing waits, bisections, give-ups) where Prefect sends the flow's.
+
+    The same as listing ``apollo_sync`` in PREFECT_LOGGING_EXTRA_LOGGERS, but it works however the flow was
+    started (CLI, worker, serve, import), whatever the environment said when Prefect was imported.
+    """
+    extra = logging.getLogger("prefect.extra")
+    library = logging.getLogger("apollo_sync")
+    for handler in extra.handlers:
+        if handler not in library.handlers:
+            library.addHandler(handler)
+    if library.level == logging.NOTSET:
+        library.setLevel(extra.getEffectiveLevel())
 
 
 def _as_outcomes(rows: pl.DataFrame, outcome: str, reason: str | None = None) -> pl.DataFrame:
