@@ -102,11 +102,9 @@ def prepare(
     rejected_mask = cleaned.get_column(_REASON).is_not_null()
     rejected = _rejected(raw.filter(rejected_mask), cleaned.filter(rejected_mask))
     del raw  # the rows as read are only needed for the rejected ones: free them before the heavy steps
-    kept = cleaned.filter(~rejected_mask).drop(_REASON, _EMAIL_READ)
+    phones_dropped = int(cleaned.get_column("_phones_dropped").filter(~rejected_mask).sum())
+    contacts, duplicates = _dedupe(cleaned.drop(_REASON, _EMAIL_READ, "_phones_dropped"), ~rejected_mask)
     del cleaned
-    phones_dropped = int(kept.get_column("_phones_dropped").sum())
-    contacts, duplicates = _dedupe(kept.drop("_phones_dropped"))
-    del kept
     contacts = _with_payload(contacts)
     return Prepared(
         contacts=contacts,
@@ -379,28 +377,47 @@ def _rejected(raw: pl.DataFrame, cleaned: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _dedupe(kept: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Collapse rows of one identity into the first (in frame order); fill its empty fields from later ones."""
-    identity = kept.get_column("identity")
-    dup_mask = identity.is_duplicated()
-    fields = [c for c in kept.columns if c not in (SOURCE_ROW, "identity")]
-    merged = (
-        kept.filter(dup_mask)
-        .group_by("identity", maintain_order=True)
-        .agg(*[pl.col(c).drop_nulls().first() for c in fields], pl.col(SOURCE_ROW).alias("_rows"))
+def _dedupe(rows: pl.DataFrame, valid: pl.Series) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Collapse ``valid`` rows of one identity into the first (in frame order), its gaps filled from later ones.
+
+    Rows not ``valid`` (rejected) are left out. Candidates are found by an in-process 64-bit hash of
+    the identity (fast on 1M rows); the grouping itself is on the exact identity text, so a hash
+    collision only costs a little work, never a merge. No full copy is made before the final filter.
+    """
+    fields = [c for c in rows.columns if c not in (SOURCE_ROW, "identity")]
+    hashed = rows.get_column("identity").hash()
+    maybe_dup = (hashed.is_duplicated() & valid) if valid.all() else _valid_duplicated(hashed, valid)
+    candidates = rows.with_row_index("_pos").filter(maybe_dup)
+    groups = (
+        candidates.group_by("identity", maintain_order=True)
+        .agg(*[pl.col(c).drop_nulls().first() for c in fields], pl.col("_pos"), pl.col(SOURCE_ROW).alias("_rows"))
+        .filter(pl.col("_rows").list.len() > 1)
     )
     duplicates = (
-        merged.select(pl.col("_rows").list.first().alias("merged_into"), "email", "_rows")
+        groups.select(pl.col("_rows").list.first().alias("merged_into"), "email", "_rows")
         .explode("_rows")
         .filter(pl.col("_rows") != pl.col("merged_into"))
         .select(pl.col("_rows").alias(SOURCE_ROW), "email", "merged_into")
         .sort(SOURCE_ROW)
     )
-    contacts = kept.filter(identity.is_first_distinct())
-    if merged.height:
-        # Only survivors of a group take values from it; update() keeps the left frame's row order.
-        contacts = contacts.update(merged.drop("_rows"), on="identity")
+    if groups.height == 0:
+        return rows.filter(valid), duplicates
+    survivors = groups.get_column("_pos").list.first()
+    dropped = groups.get_column("_pos").list.slice(1).explode()
+    group_of = pl.repeat(None, rows.height, dtype=pl.UInt32, eager=True).alias("_group")
+    group_of = group_of.scatter(survivors, pl.Series(range(groups.height), dtype=pl.UInt32))
+    keep = valid.clone().scatter(dropped, False)
+    # A survivor's own non-null value is its group's first non-null, so coalescing fills only its gaps.
+    filled = [pl.coalesce(pl.col(c), pl.lit(groups.get_column(c)).gather(pl.col("_group"))).alias(c) for c in fields]
+    contacts = rows.with_columns(group_of).filter(keep).with_columns(filled).drop("_group")
     return contacts, duplicates
+
+
+def _valid_duplicated(hashed: pl.Series, valid: pl.Series) -> pl.Series:
+    """``hashed.is_duplicated()`` counting only the ``valid`` rows (others are False)."""
+    positions = pl.Series(range(hashed.len()), dtype=pl.UInt32).filter(valid)
+    among_valid = hashed.filter(valid).is_duplicated()
+    return pl.repeat(False, hashed.len(), eager=True).scatter(positions.filter(among_valid), True)
 
 
 # --- Payload -------------------------------------------------------------------------------
