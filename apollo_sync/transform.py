@@ -94,14 +94,22 @@ def prepare(
     _require_identity(plan.sources, mapping, names)
 
     raw = lf.with_columns(pl.col(SOURCE_ROW).cast(pl.Int64)).collect()
+    rows_read = raw.height
     nanp = phonenumbers.country_code_for_region(region) == 1
     cleaned = raw.lazy().select(_clean_exprs(raw, plan.sources, mapping, nanp=nanp)).collect()
+    # Keep the rows as read only where a rejection is possible (their originals go to the report);
+    # the rest are freed before the heavy steps. Fast-valid emails are never rejected.
+    maybe_rejected = cleaned.select(
+        pl.when(pl.col("email").is_not_null()).then(~pl.col("_email_fast")).otherwise(~_named()).alias("m")
+    ).to_series()
+    raw_maybe = raw.filter(maybe_rejected).with_columns(pl.int_range(0, pl.len(), dtype=pl.UInt32).alias("_i"))
+    del raw
     cleaned = _finish(cleaned, region)
 
-    rows_read = raw.height
     rejected_mask = cleaned.get_column(_REASON).is_not_null()
-    rejected = _rejected(raw.filter(rejected_mask), cleaned.filter(rejected_mask))
-    del raw  # the rows as read are only needed for the rejected ones: free them before the heavy steps
+    among_maybe = cleaned.get_column(_REASON).filter(maybe_rejected).is_not_null()
+    rejected = _rejected(raw_maybe.filter(among_maybe).drop("_i"), cleaned.filter(rejected_mask))
+    del raw_maybe
     phones_dropped = int(cleaned.get_column("_phones_dropped").filter(~rejected_mask).sum())
     contacts, duplicates = _dedupe(cleaned.drop(_REASON, _EMAIL_READ, "_phones_dropped"), ~rejected_mask)
     del cleaned
@@ -156,7 +164,9 @@ def _clean_exprs(
     else:  # the first column with a value is the one the row's email came from
         email_read = ex.first_present([pl.when(ex.clean_text(c).is_not_null()).then(c) for c in email_cols])
     out.append(email_read.alias(_EMAIL_READ))
-    out.append(ex.first_present([ex.normalized_email(c) for c in email_cols]).alias("email"))
+    email = ex.first_present([ex.normalized_email(c) for c in email_cols])
+    out.append(email.alias("email"))
+    out.append(ex.email_fast_valid(email).fill_null(False).alias("_email_fast"))
 
     first, last = text("first_name"), text("last_name")
     if FULL_NAME in sources:
@@ -226,7 +236,7 @@ def _with_constant(expr: pl.Expr, value: object) -> pl.Expr:
 def _finish(cleaned: pl.DataFrame, region: str) -> pl.DataFrame:
     """Email and phone checks the fast paths left open (once per distinct value), reasons and identity."""
     email = pl.col("email")
-    fast_valid, fast_invalid = ex.email_fast_valid(email), ex.email_fast_invalid(email)
+    fast_valid, fast_invalid = pl.col("_email_fast"), ex.email_fast_invalid(email)
     undecided = cleaned.lazy().filter(email.is_not_null() & ~fast_valid & ~fast_invalid).select(email.unique()).collect()
     email_lookup = {value: _validated_email(value) for value in undecided.get_column("email").to_list()}
     checked_email = (
@@ -261,11 +271,10 @@ def _finish(cleaned: pl.DataFrame, region: str) -> pl.DataFrame:
     )
     out = out.with_columns(dropped.alias("_phones_dropped")).drop([_PHONE_RAW + n for n in settings.PHONE_FIELDS])
 
-    named = pl.col("first_name").is_not_null() & pl.col("last_name").is_not_null() & pl.col("organization_name").is_not_null()
     reason = (
         pl.when(pl.col("email").is_null() & pl.col("_email_given"))
         .then(pl.lit(settings.REJECT_INVALID_EMAIL))
-        .when(pl.col("email").is_null() & ~named)
+        .when(pl.col("email").is_null() & ~_named())
         .then(pl.lit(settings.REJECT_MISSING_IDENTITY))
     )
     identity = (
@@ -278,7 +287,13 @@ def _finish(cleaned: pl.DataFrame, region: str) -> pl.DataFrame:
             ).str.to_lowercase()
         )
     )
-    return out.with_columns(reason.alias(_REASON), identity.alias("identity")).drop("_email_given").collect()
+    out = out.with_columns(reason.alias(_REASON), identity.alias("identity"))
+    return out.drop("_email_given", "_email_fast").collect()
+
+
+def _named() -> pl.Expr:
+    """True where a row has first name, last name and organization (an identity without email)."""
+    return pl.col("first_name").is_not_null() & pl.col("last_name").is_not_null() & pl.col("organization_name").is_not_null()
 
 
 def _lookup(expr: pl.Expr, table: dict[str, str | None]) -> pl.Expr:
