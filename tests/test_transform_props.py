@@ -187,3 +187,16 @@ def test_no_row_loses_its_identity(data: list[tuple]) -> None:
     for payload in p.contacts.get_column("payload"):
         body = json.loads(payload)
         assert body.get("email") or {"first_name", "last_name", "organization_name"} <= set(body)
+
+
+@WHOLE
+@given(st.lists(st.text(max_size=15), min_size=1, max_size=8))
+def test_payload_is_valid_json_of_the_cleaned_values(texts: list[str]) -> None:
+    df = pl.DataFrame({"Email": [f"u{i}@x.com" for i in range(len(texts))], "Title": texts, "Tags": texts})
+    p = prepare(df)
+    titles = df.select(ex.clean_text(pl.col("Title"))).to_series().to_list()
+    labels = df.select(ex.labels(pl.col("Tags"))).to_series().to_list()
+    for payload, title, label in zip(p.contacts.get_column("payload"), titles, labels):
+        body = json.loads(payload)
+        assert body.get("title") == title
+        assert body.get("label_names") == label
