@@ -1,8 +1,9 @@
 """Load prepared contacts into Apollo: chunks, bounded concurrency, pacing, retries, bisection, the ledger.
 
 A :class:`LoadSession` lives for one run (the flow calls :meth:`LoadSession.load` once per group of chunks) and
-holds the client, the pacer, the ledger and cumulative :class:`LoadStats`. For each chunk it marks the rows
-``pending`` in the ledger (one transaction), sends them, and records the outcome of every row (one transaction,
+holds the client, the pacer, the ledger and cumulative :class:`LoadStats`. For each chunk it *claims* the rows in
+the ledger (one transaction: marks them ``pending`` under this run unless a live run holds them, see
+``apollo_sync.ledger``), sends the claimed ones, and records the outcome of every row (one transaction,
 in a task beside the next request). Ledger calls are synchronous on the event loop: each takes well under a
 millisecond for 100 rows, and a thread hop measured slower (GIL hand-offs) than the write itself. The rules:
 
@@ -19,6 +20,9 @@ millisecond for 100 rows, and a thread hop measured slower (GIL hand-offs) than 
   ``result`` (a :class:`GroupResult` with an outcome for every row of the call).
 * 400/413/422: split the chunk in halves until the offending contacts are isolated; they are ``failed`` with the
   API's message and the rest land.
+* Rows another live run holds (another partition of the same source) are not sent: their outcome is
+  ``duplicate`` with the reason "claimed by another partition (run …)". Claimed rows the ledger already knew are
+  sent with ``run_dedupe`` true. While ``load`` runs, the run's claims are renewed every ``HEARTBEAT_SECONDS``.
 * Rows that exhaust their attempts are ``failed`` with the reason, or ``unconfirmed`` if any attempt's outcome was
   unknown. A row missing from a successful answer is ``unconfirmed``. Every row given to ``load`` comes back with
   exactly one outcome.
@@ -103,6 +107,8 @@ class LoadStats:
     unconfirmed: int = 0
     unmatched_returned: int = 0
     """Contacts in answers that matched no sent row (a sign the answer and the payload disagree)."""
+    claimed_elsewhere: int = 0
+    """Rows not sent because another live run (partition) held them in the shared ledger."""
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict (for summaries and artifacts)."""
@@ -267,19 +273,23 @@ class LoadSession:
         call = _Call()
         results: list[pl.DataFrame | None] = [None] * len(chunks)
         pending = iter(range(len(chunks)))
+        heartbeat = asyncio.create_task(self._heartbeat()) if self.ledger is not None and chunks else None
+        try:
+            async with asyncio.TaskGroup() as group:
 
-        async with asyncio.TaskGroup() as group:
+                async def worker() -> None:
+                    for index in pending:
+                        chunk = chunks[index]
+                        frame, to_record, requests = await self._load_chunk(chunk, call)
+                        results[index] = frame
+                        # Recording runs in its own task, beside the next request of this slot.
+                        group.create_task(self._finish_chunk(chunk, frame, to_record, requests, call))
 
-            async def worker() -> None:
-                for index in pending:
-                    chunk = chunks[index]
-                    frame, identities, requests = await self._load_chunk(chunk, call)
-                    results[index] = frame
-                    # Recording runs in its own task, beside the next request of this slot.
-                    group.create_task(self._finish_chunk(chunk, frame, identities, requests, call))
-
-            for _ in range(min(self.concurrency, len(chunks))):
-                group.create_task(worker())
+                for _ in range(min(self.concurrency, len(chunks))):
+                    group.create_task(worker())
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
         frames = [frame for frame in results if frame is not None]
         outcomes = pl.concat(frames) if frames else pl.DataFrame(schema=OUTCOMES_SCHEMA)
         result = GroupResult(outcomes, call.stats)
@@ -288,15 +298,43 @@ class LoadSession:
             raise self._auth_error
         return result
 
+    async def _heartbeat(self) -> None:
+        """Renew this run's claims in the ledger while chunks are loading (a failed renewal is only logged)."""
+        while True:
+            await asyncio.sleep(settings.HEARTBEAT_SECONDS)
+            try:
+                self.ledger.heartbeat(self.run_id)  # type: ignore[union-attr]
+            except Exception as exc:  # noqa: BLE001 - the lease is long; the next beat or claim renews it
+                logger.warning("could not renew the run's claims in the ledger: %s", type(exc).__name__)
+
     async def _load_chunk(self, chunk: Chunk, call: _Call) -> tuple[pl.DataFrame, pl.DataFrame | None, int]:
-        """Mark pending, send; returns (outcomes, identity+fingerprint to record or None, requests made)."""
-        rows = _Rows.of(chunk.rows)
+        """Claim, send; returns (outcomes of every row, sent rows' outcomes + identity/fingerprint to record or
+        None, requests made)."""
+        send = chunk.rows
+        refused = None
+        dedupe = self.run_dedupe or chunk.must_dedupe
         sendable = self._auth_error is None  # after a 401/403 nothing is sent, so nothing goes in the ledger
         if sendable and self.ledger is not None:
-            self.ledger.mark_pending(self.target, chunk.rows, self.run_id)
+            claim = self.ledger.claim(self.target, chunk.rows, self.run_id)
+            if claim.refused:
+                held = pl.col("identity").is_in(list(claim.refused))
+                refused = chunk.rows.filter(held).select(
+                    pl.col("source_row"),
+                    pl.col("email"),
+                    pl.lit("duplicate").alias("outcome"),
+                    pl.lit(None, pl.String).alias("apollo_id"),
+                    pl.format(
+                        "claimed by another partition (run {})",
+                        pl.col("identity").replace_strict(claim.refused, return_dtype=pl.String),
+                    ).alias("reason"),
+                ).cast(OUTCOMES_SCHEMA)
+                send = chunk.rows.filter(~held)
+                self._count(call, "claimed_elsewhere", refused.height)
+            dedupe = dedupe or bool(claim.seen)  # the ledger knew some of these rows: they may have landed
+        rows = _Rows.of(send)
         requests_before = call.stats.requests
-        outcomes = await self._send(rows, self.run_dedupe or chunk.must_dedupe, call)
-        frame = pl.DataFrame(
+        outcomes = await self._send(rows, dedupe, call) if len(rows) else []
+        sent = pl.DataFrame(
             {
                 "source_row": rows.source_row,
                 "email": rows.email,
@@ -306,15 +344,16 @@ class LoadSession:
             },
             schema=OUTCOMES_SCHEMA,
         )
-        identities = chunk.rows.select("identity", "fingerprint") if sendable else None
-        return frame, identities, call.stats.requests - requests_before
+        to_record = pl.concat([sent, send.select("identity", "fingerprint")], how="horizontal") if sendable else None
+        frame = sent if refused is None else pl.concat([sent, refused], how="vertical")
+        return frame, to_record, call.stats.requests - requests_before
 
     async def _finish_chunk(
-        self, chunk: Chunk, frame: pl.DataFrame, identities: pl.DataFrame | None, requests: int, call: _Call
+        self, chunk: Chunk, frame: pl.DataFrame, to_record: pl.DataFrame | None, requests: int, call: _Call
     ) -> None:
         """Record the chunk's outcomes in the ledger (one transaction), count them, tell ``on_chunk_done``."""
-        if identities is not None and self.ledger is not None:
-            self.ledger.record(self.target, pl.concat([frame, identities], how="horizontal"), self.run_id)
+        if to_record is not None and to_record.height and self.ledger is not None:
+            self.ledger.record(self.target, to_record, self.run_id)
         self._count(call, "chunks")
         self._count(call, "rows", frame.height)
         for outcome, n in frame["outcome"].value_counts().iter_rows():

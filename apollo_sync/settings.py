@@ -20,6 +20,10 @@ DEFAULT_TIMEOUT_SECONDS = 30.0
 DEFAULT_STATE_DIR = ".apollo-sync"
 DEFAULT_PHONE_REGION = "US"
 DEFAULT_SECRET_BLOCK = "apollo-api-key"
+CLAIM_LEASE_SECONDS = 300.0
+"""A pending claim whose run sent no heartbeat for this long belongs to a dead run: another run may take it over."""
+HEARTBEAT_SECONDS = 30.0
+"""How often a loading run renews its claims' lease (must be well under CLAIM_LEASE_SECONDS)."""
 CHUNKS_PER_LOAD_TASK = 50
 """Chunks handled by one Prefect task run: keeps task runs bounded (1M contacts -> 200 task runs)."""
 
