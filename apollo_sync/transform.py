@@ -58,7 +58,7 @@ class Prepared:
     """What :func:`prepare` made of a frame. Every row read is in exactly one of the three frames."""
 
     contacts: pl.DataFrame
-    """One row per contact to send, in source order: see :data:`CONTACT_COLUMNS`."""
+    """One row per contact to send, in the frame's (source) order: see :data:`CONTACT_COLUMNS`."""
     rejected: pl.DataFrame
     """source_row, email (as read), reason (invalid_email | missing_identity), original (JSON of the row as read)."""
     duplicates: pl.DataFrame
@@ -96,19 +96,24 @@ def prepare(
     raw = lf.with_columns(pl.col(SOURCE_ROW).cast(pl.Int64)).collect()
     rows_read = raw.height
     nanp = phonenumbers.country_code_for_region(region) == 1
-    cleaned = raw.lazy().select(_clean_exprs(raw, plan.sources, mapping, nanp=nanp)).collect()
+    cleaned = raw.lazy().select(_clean_exprs(raw, plan.sources, mapping)).collect()
+    # Second pass on the materialised clean text: each regex reads a column once.
+    cleaned = cleaned.with_columns(
+        ex.email_fast_valid(pl.col("email")).fill_null(False).alias("_email_fast"),
+        *[ex.phone_nanp_e164(pl.col(_PHONE_RAW + n), nanp_region=nanp).alias(n) for n in settings.PHONE_FIELDS],
+    )
     # Keep the rows as read only where a rejection is possible (their originals go to the report);
     # the rest are freed before the heavy steps. Fast-valid emails are never rejected.
     maybe_rejected = cleaned.select(
         pl.when(pl.col("email").is_not_null()).then(~pl.col("_email_fast")).otherwise(~_named()).alias("m")
     ).to_series()
-    raw_maybe = raw.filter(maybe_rejected).with_columns(pl.int_range(0, pl.len(), dtype=pl.UInt32).alias("_i"))
+    raw_maybe = raw.filter(maybe_rejected)
     del raw
     cleaned = _finish(cleaned, region)
 
     rejected_mask = cleaned.get_column(_REASON).is_not_null()
     among_maybe = cleaned.get_column(_REASON).filter(maybe_rejected).is_not_null()
-    rejected = _rejected(raw_maybe.filter(among_maybe).drop("_i"), cleaned.filter(rejected_mask))
+    rejected = _rejected(raw_maybe.filter(among_maybe), cleaned.filter(rejected_mask))
     del raw_maybe
     phones_dropped = int(cleaned.get_column("_phones_dropped").filter(~rejected_mask).sum())
     contacts, duplicates = _dedupe(cleaned.drop(_REASON, _EMAIL_READ, "_phones_dropped"), ~rejected_mask)
@@ -141,9 +146,7 @@ def _require_identity(sources: dict[str, tuple[str, ...]], mapping: Mapping, nam
 # --- Cleaning ------------------------------------------------------------------------------
 
 
-def _clean_exprs(
-    raw: pl.DataFrame, sources: dict[str, tuple[str, ...]], mapping: Mapping, *, nanp: bool
-) -> list[pl.Expr]:
+def _clean_exprs(raw: pl.DataFrame, sources: dict[str, tuple[str, ...]], mapping: Mapping) -> list[pl.Expr]:
     """One expression per output column of the cleaning step (before per-value library checks)."""
 
     def cols(target: str) -> list[pl.Expr]:
@@ -166,7 +169,6 @@ def _clean_exprs(
     out.append(email_read.alias(_EMAIL_READ))
     email = ex.first_present([ex.normalized_email(c) for c in email_cols])
     out.append(email.alias("email"))
-    out.append(ex.email_fast_valid(email).fill_null(False).alias("_email_fast"))
 
     first, last = text("first_name"), text("last_name")
     if FULL_NAME in sources:
@@ -206,7 +208,7 @@ def _clean_exprs(
     for name in settings.PHONE_FIELDS:
         raw_phone = _with_constant(text(name), constants.get(name))
         out.append(raw_phone.alias(_PHONE_RAW + name))
-        out.append(ex.phone_nanp_e164(raw_phone, nanp_region=nanp).alias(name))
+
 
     customs = sorted({t for t in sources if t.startswith(CUSTOM_PREFIX)} | {t for t in constants if t.startswith(CUSTOM_PREFIX)})
     for name in customs:
