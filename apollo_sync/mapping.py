@@ -112,6 +112,8 @@ class Mapping:
             check_target(target, f"[columns] {source!r}")
         for target, value in self.constants.items():
             check_target(target, "[constants]")
+            if target == "email":
+                raise InputError("[constants] cannot set email: every row would be the same contact; map an email column")
             if target == FULL_NAME or target in ADDRESS_PARTS:
                 raise InputError(f"[constants] cannot set {target!r}; set first_name/last_name or present_raw_address")
             if target == "label_names":

@@ -129,6 +129,7 @@ label_names = ["Q4 import"]
         ('[constants]\nnot_a_field = "x"\n', "unknown target field"),
         ("[constants]\nlabel_names = \"Q4\"\n", "label_names must be a list"),
         ("[constants]\nowner_id = 5\n", "owner_id must be a string"),
+        ('[constants]\nemail = "a@b.co"\n', "cannot set email"),
         ("[colums]\n", "unknown keys"),
         ("[columns\n", "not valid TOML"),
         ('ignore = "Notes"\n', "ignore must be a list"),

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from apollo_sync import expressions as ex
 from apollo_sync.transform import _country_rules, _e164, prepare
 
-FAST = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-WHOLE = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+WHOLE = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 """prepare() costs ~15 ms a call: fewer examples keep these files under 20 s."""
 
 # --- Email fast paths agree with email-validator ---------------------------------------------
