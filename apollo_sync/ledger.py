@@ -90,7 +90,7 @@ _CLAIM = """
         updated_at = excluded.updated_at
     WHERE sync_ledger.run_id IS excluded.run_id OR NOT (
         (sync_ledger.status IN ('created', 'existing') AND sync_ledger.fingerprint IS excluded.fingerprint
-         AND sync_ledger.updated_at >= ?6)
+         AND sync_ledger.updated_at > ?6)
         OR (sync_ledger.status = 'pending' AND EXISTS (
             SELECT 1 FROM sync_runs AS r WHERE r.run_id = sync_ledger.run_id AND r.finished = 0 AND r.heartbeat_at > ?7))
     )

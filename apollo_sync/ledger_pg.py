@@ -59,7 +59,7 @@ _CLAIM = """
         fingerprint = excluded.fingerprint, status = 'pending', run_id = excluded.run_id, updated_at = now()
     WHERE l.run_id IS NOT DISTINCT FROM excluded.run_id OR NOT (
         (l.status IN ('created', 'existing') AND l.fingerprint IS NOT DISTINCT FROM excluded.fingerprint
-         AND l.updated_at >= %(since)s)
+         AND l.updated_at > %(since)s)
         OR (l.status = 'pending' AND EXISTS (
             SELECT 1 FROM sync_runs AS r WHERE r.run_id = l.run_id AND NOT r.finished
               AND r.heartbeat_at > now() - make_interval(secs => %(lease)s)))

@@ -1,0 +1,214 @@
+"""The shared ledger: PostgresLedger keeps SQLiteLedger's semantics, and claims hold on both.
+
+Every semantic test runs on both backends (``any_ledger``); PostgreSQL is the real server from tests/services.py.
+The claim race runs in threads with one connection each, as two workers would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from collections import Counter
+
+import polars as pl
+import pytest
+
+from apollo_sync.client import ApolloClient
+from apollo_sync.errors import InputError
+from apollo_sync.ledger import Ledger, target_for
+from apollo_sync.ledger_pg import PostgresLedger
+from apollo_sync.loader import LoadSession
+from apollo_sync.pacing import Pacer
+from loader_helpers import make_contacts, stored_emails
+from services import PG_PASSWORD, postgres  # noqa: F401 - fixture
+
+T = target_for("http://127.0.0.1:9/apis/v1/apollo")
+
+
+def frame(pairs):
+    return pl.DataFrame(
+        {"source_row": list(range(1, len(pairs) + 1)), "identity": [i for i, _ in pairs], "fingerprint": [f for _, f in pairs]},
+        schema={"source_row": pl.Int64, "identity": pl.String, "fingerprint": pl.String},
+    )
+
+
+def outcomes(rows):
+    schema = {"identity": pl.String, "fingerprint": pl.String, "outcome": pl.String, "apollo_id": pl.String}
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+@pytest.fixture
+def pg_url(postgres):  # noqa: F811
+    """A fresh database per test, so tests do not see each other's rows."""
+    import psycopg
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return postgres.url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_ledger(request, tmp_path):
+    """``open_ledger()`` -> a new connection to the same ledger (each like a separate worker)."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    opened: list[Ledger] = []
+
+    def make() -> Ledger:
+        ledger = Ledger.open(tmp_path / "state", url)
+        opened.append(ledger)
+        return ledger
+
+    yield make
+    for ledger in opened:
+        ledger.close()
+
+
+def test_open_with_a_url_gives_postgres_and_the_password_is_nowhere(pg_url):
+    with Ledger.open("unused", pg_url) as ledger:
+        assert isinstance(ledger, PostgresLedger)
+        assert PG_PASSWORD not in repr(ledger) and "apollo@" in repr(ledger)
+    bad = pg_url.replace(PG_PASSWORD, "wrong-" + PG_PASSWORD)
+    with pytest.raises(InputError, match="state-url") as info:
+        Ledger.open("unused", bad)
+    assert PG_PASSWORD not in str(info.value)
+    with pytest.raises(InputError, match="postgresql://"):
+        PostgresLedger("mysql://u:pw@h/db")
+
+
+def test_plan_record_and_marks_behave_the_same(open_ledger):
+    ledger = open_ledger()
+    ledger.mark_pending(T, frame([("email:a", "1"), ("email:b", "2"), ("email:c", "3")]), "run1")
+    ledger.record(T, outcomes([("email:a", "1", "created", "A"), ("email:b", "2", "existing", "B"),
+                               ("email:c", "3", "failed", None)]), "run1")  # fmt: skip
+    to_send, unchanged = ledger.plan(T, frame([("email:a", "1"), ("email:b", "2-changed"), ("email:c", "3"), ("email:d", "4")]))
+    assert unchanged["identity"].to_list() == ["email:a"]
+    assert to_send["identity"].to_list() == ["email:b", "email:c", "email:d"]
+    assert to_send["must_dedupe"].to_list() == [True, True, False]
+    ledger.record(T, outcomes([("email:a", "1", "unconfirmed", None)]), "run2")  # ignored: stays as it was
+    assert ledger.status_counts(T) == {"created": 1, "existing": 1, "failed": 1}
+    assert ledger.get_mark("cursor:x") is None
+    ledger.set_mark("cursor:x", "2026-01-01")
+    ledger.set_mark("cursor:x", "2026-02-01")
+    assert open_ledger().get_mark("cursor:x") == "2026-02-01"
+
+
+def test_a_live_runs_claim_is_refused_to_another_run(open_ledger):
+    first, second = open_ledger(), open_ledger()
+    rows = frame([("email:a", "1"), ("email:b", "2")])
+    got = first.claim(T, rows, "run-1")
+    assert got.claimed == {"email:a", "email:b"} and not got.seen and not got.refused
+    other = second.claim(T, frame([("email:b", "2"), ("email:c", "3")]), "run-2")
+    assert other.claimed == {"email:c"} and other.refused == {"email:b": "run-1"}
+    again = first.claim(T, rows, "run-1")  # the holder itself (e.g. a retried flow run) may claim again
+    assert again.claimed == {"email:a", "email:b"} and again.seen == {"email:a", "email:b"}
+
+
+def test_a_finished_runs_pending_rows_are_taken_over_and_sent_with_dedupe(open_ledger):
+    first, second = open_ledger(), open_ledger()
+    first.claim(T, frame([("email:a", "1")]), "run-1")
+    first.record(T, outcomes([("email:a", "1", "unconfirmed", None)]), "run-1")
+    first.close()  # closing finishes the run: its unconfirmed row is free at once
+    got = second.claim(T, frame([("email:a", "1")]), "run-2")
+    assert got.claimed == {"email:a"} and got.seen == {"email:a"}
+
+
+def test_an_expired_lease_is_taken_over(open_ledger):
+    first, second = open_ledger(), open_ledger()
+    first.claim(T, frame([("email:a", "1")]), "run-1")
+    second.lease_seconds = 30
+    assert second.claim(T, frame([("email:a", "1")]), "run-2").refused == {"email:a": "run-1"}
+    second.lease_seconds = 0.0  # as if run-1 sent no heartbeat for longer than the lease
+    got = second.claim(T, frame([("email:a", "1")]), "run-2")
+    assert got.claimed == {"email:a"} and got.seen == {"email:a"}
+
+
+def test_a_run_killed_on_this_host_is_dead_at_once(open_ledger, tmp_path):
+    """A holder on this host whose process is gone does not block for the whole lease."""
+    first = open_ledger()
+    first.claim(T, frame([("email:a", "1")]), "run-1")
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(child.stdout)
+    _set_pid(first, "run-1", dead_pid)
+    got = open_ledger().claim(T, frame([("email:a", "1")]), "run-2")
+    assert got.claimed == {"email:a"} and got.seen == {"email:a"}
+
+
+def _set_pid(ledger: Ledger, run_id: str, pid: int) -> None:
+    if isinstance(ledger, PostgresLedger):
+        ledger._db.execute("UPDATE sync_runs SET pid = %s WHERE run_id = %s", (pid, run_id))
+    else:
+        ledger._db.execute("UPDATE sync_runs SET pid = ? WHERE run_id = ?", (pid, run_id))
+
+
+def test_content_another_run_confirmed_during_this_run_is_not_sent_again(open_ledger):
+    """Even on a full refresh, where plan() sends confirmed rows again, a row another partition confirmed
+    after this run planned is refused; one confirmed before the plan is claimed (and deduped)."""
+    first, second = open_ledger(), open_ledger()
+    first.claim(T, frame([("email:old", "1")]), "run-0")
+    first.record(T, outcomes([("email:old", "1", "created", "X")]), "run-0")
+    second.plan(T, frame([("email:old", "1"), ("email:a", "1")]), full_refresh=True)
+    first.claim(T, frame([("email:a", "1")]), "run-1")
+    first.record(T, outcomes([("email:a", "1", "created", "A")]), "run-1")
+    first.finish("run-1")
+    got = second.claim(T, frame([("email:old", "1"), ("email:a", "1")]), "run-2")
+    assert got.claimed == {"email:old"} and got.seen == {"email:old"}
+    assert got.refused == {"email:a": "run-1"}
+    changed = second.claim(T, frame([("email:a", "2-changed")]), "run-2")  # other content: sent, with dedupe
+    assert changed.claimed == {"email:a"} and changed.seen == {"email:a"}
+
+
+def test_racing_claims_give_each_identity_to_one_run(open_ledger):
+    n, runs = 400, 4
+    ledgers = [open_ledger() for _ in range(runs)]
+    rows = frame([(f"email:{i}", "1") for i in range(n)])
+    barrier = threading.Barrier(runs)
+    claims: dict[str, list[frozenset[str]]] = {f"run-{k}": [] for k in range(runs)}
+
+    def worker(k: int) -> None:
+        barrier.wait()
+        for start in range(0, n, 20):  # the same chunks, in a different order per run
+            chunk = rows.slice(((start + 100 * k) % n), 20)
+            claims[f"run-{k}"].append(ledgers[k].claim(T, chunk, f"run-{k}").claimed)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(runs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    owners = Counter(identity for got in claims.values() for claim in got for identity in claim)
+    assert len(owners) == n and set(owners.values()) == {1}
+
+
+def test_two_loaders_over_overlapping_rows_send_each_contact_once(open_ledger, sandbox):
+    """The loader end to end: overlapping halves loaded at once by two sessions on one ledger."""
+    contacts = make_contacts(300)
+    parts = [contacts.slice(0, 200), contacts.slice(100, 200)]  # rows 100-199 are in both
+    target = target_for(sandbox.gateway_base_url)
+
+    async def load(part: pl.DataFrame, run_id: str):
+        ledger = open_ledger()
+        to_send, _ = ledger.plan(target, part)
+        async with ApolloClient(sandbox.gateway_base_url, "sandbox-key") as client:
+            session = LoadSession(client, Pacer(), ledger, target=target, run_id=run_id, chunk_size=10,
+                                  concurrency=2, run_dedupe=False)  # fmt: skip
+            return await session.load(session.make_chunks(to_send)), session
+
+    async def both():
+        return await asyncio.gather(load(parts[0], "run-a"), load(parts[1], "run-b"))
+
+    (a, sa), (b, sb) = asyncio.run(both())
+    emails = Counter(stored_emails(sandbox))
+    assert len(emails) == 300 and max(emails.values()) == 1
+    merged = pl.concat([a.outcomes, b.outcomes])
+    assert merged.height == 400  # every input row has one outcome
+    dup = merged.filter(pl.col("outcome") == "duplicate")
+    landed = merged.filter(pl.col("outcome").is_in(["created", "existing"]))
+    assert dup.height == sa.stats.claimed_elsewhere + sb.stats.claimed_elsewhere
+    assert landed.height + dup.height == 400 and landed["email"].n_unique() == 300
+    assert dup["reason"].str.contains(r"claimed by another partition \(run run-[ab]\)").all()
+    assert os.environ.get("APOLLO_API_KEY") is None
