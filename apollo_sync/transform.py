@@ -87,6 +87,7 @@ def prepare(
         raise InputError(f"unknown phone region {phone_region!r}; use a two-letter region code such as US or GB")
     lf = frame.lazy()
     names = lf.collect_schema().names()
+    lf = lf.with_columns(pl.exclude(SOURCE_ROW).cast(pl.String))  # the contract says String; be lenient
     if SOURCE_ROW not in names:
         lf = lf.with_row_index(SOURCE_ROW, offset=1).with_columns(pl.col(SOURCE_ROW).cast(pl.Int64))
     mapping = mapping or Mapping()

@@ -341,3 +341,22 @@ def test_repeating_columns_are_cleaned_per_distinct_value_with_the_same_result()
         }
     )
     assert_frame_equal(p.contacts.select(expected.columns), expected)
+
+
+def test_an_empty_frame_gives_empty_results_with_their_schemas() -> None:
+    p = prepare(frame(Email=[], Phone=[]).lazy())
+    assert p.rows_read == 0 and p.contacts.height == 0
+    assert p.contacts.schema["label_names"] == pl.List(pl.String)
+    assert p.rejected.schema == pl.Schema({"source_row": pl.Int64, "email": pl.String, "reason": pl.String,
+                                           "original": pl.String})
+    assert p.duplicates.schema == pl.Schema({"source_row": pl.Int64, "email": pl.String, "merged_into": pl.Int64})
+
+
+def test_constant_labels_without_a_labels_column_and_non_string_input() -> None:
+    mapping = Mapping(constants={"label_names": ["Q4 import"]})
+    p = prepare(pl.DataFrame({"Email": ["a@x.com", "b@x.com"], "Score": [1, 2]}), mapping=mapping)
+    assert [json.loads(x) for x in p.contacts.get_column("payload")] == [
+        {"email": "a@x.com", "label_names": ["Q4 import"]},
+        {"email": "b@x.com", "label_names": ["Q4 import"]},
+    ]
+    assert p.unmapped_columns == ["Score"]
