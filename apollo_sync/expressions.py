@@ -1,7 +1,7 @@
 """Polars expression builders for cleaning contact columns: each returns a ``pl.Expr``.
 
-They work on whole columns, so :func:`apollo_sync.transform.prepare` can apply them together in one
-``select``. Where a rule needs a library (email syntax, phone numbers), the expression here is the
+They work on whole columns, so :func:`apollo_sync.transform.prepare` can apply them together in a
+``select`` (a second ``with_columns`` reads the materialised clean email and phone columns). Where a rule needs a library (email syntax, phone numbers), the expression here is the
 vectorised fast path for the common shape, and ``transform`` calls the library once per distinct
 value for the rest; the tests check that both paths agree.
 """

@@ -237,7 +237,12 @@ def _with_constant(expr: pl.Expr, value: object) -> pl.Expr:
 
 
 def _finish(cleaned: pl.DataFrame, region: str) -> pl.DataFrame:
-    """Email and phone checks the fast paths left open (once per distinct value), reasons and identity."""
+    """Email and phone checks the fast paths left open (once per distinct value), reasons and identity.
+
+    Why fast paths: email-validator costs ~24 us and phonenumbers ~20-50 us per value here, i.e. 20-50 s
+    for a 1M-row export of mostly unique values, while the regex fast paths take ~0.1 s per column. The
+    property tests check that whatever a fast path decides, the library decides the same.
+    """
     email = pl.col("email")
     fast_valid, fast_invalid = pl.col("_email_fast"), ex.email_fast_invalid(email)
     undecided = cleaned.lazy().filter(email.is_not_null() & ~fast_valid & ~fast_invalid).select(email.unique()).collect()
