@@ -1,0 +1,254 @@
+"""Split one large source into partitions, and merge the partitions' run summaries into one (no Prefect here).
+
+The ``sync-partitions`` flow runs one ``sync-contacts`` child per :class:`Partition`; each partition is a source
+spec (plus a query for SQL) that the child reads like any other source:
+
+- a glob (``exports/*.csv``): one partition per file, in sorted order;
+- a SQL URL with ``query``, ``partition_column`` and ``partitions`` N: N key ranges of nearly equal size. The
+  boundaries are the last key of each ``NTILE(N)`` tile (works on SQLite and PostgreSQL, for any orderable key),
+  and each partition's query is ``SELECT * FROM (query) WHERE key > lo AND key <= hi``; rows whose key is NULL go
+  to the first partition, so no row is lost;
+- one file with ``partitions`` N: the rows (as read by ``read_source``, so blank lines and encodings are handled
+  the same way) are written as N Parquet files of nearly equal size under ``split_dir``, one per partition.
+  Their ``source_row`` numbers count from 1 in each part; the file name says which rows of the original it holds.
+
+:func:`merge_summaries` adds the children's counts (``seconds`` is the parent's wall time) and keeps a line per
+partition; a merged summary of consistent children adds up by the same rules (``report.summary_problems``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import polars as pl
+
+from apollo_sync import sources
+from apollo_sync.errors import InputError
+from apollo_sync.report import SUMMARY_FILE
+from apollo_sync.settings import SOURCE_ROW
+
+MAX_PARTITIONS = 1000
+"""More partitions than this is almost surely a mistake (each is a flow run with its own start-up cost)."""
+SUMMED_KEYS = (
+    "rows_read", "rows_valid", "duplicates_in_source", "created", "existing", "failed", "unconfirmed",
+    "unchanged", "would_send", "requests", "retries", "rate_limited", "phones_dropped",
+)  # fmt: skip
+"""Summary counts that add across partitions."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One child run's share: ``source`` (and ``query`` for SQL); ``label`` names it in run names and reports."""
+
+    number: int
+    source: str
+    label: str
+    query: str | None = None
+
+
+def plan_partitions(
+    source: str,
+    *,
+    query: str | None = None,
+    partition_column: str | None = None,
+    partitions: int | None = None,
+    split_dir: str | Path | None = None,
+    options: sources.SourceOptions = sources.SourceOptions(),
+) -> list[Partition]:
+    """The partitions of ``source`` (see the module docstring); raises :class:`InputError` for what cannot split."""
+    source = (source or "").strip()
+    if partitions is not None and not 1 <= partitions <= MAX_PARTITIONS:
+        raise InputError(f"partitions must be 1 to {MAX_PARTITIONS}, got {partitions}")
+    scheme = sources._scheme(source)
+    if scheme in sources.SQL_SCHEMES:
+        if not (query and partition_column and partitions):
+            raise InputError("a SQL source splits by key ranges: pass query, partition_column and partitions")
+        return sql_partitions(source, query, partition_column, partitions)
+    if query or partition_column:
+        raise InputError("query and partition_column work only with sqlite:/// and postgresql:// sources")
+    if scheme and scheme != "file":
+        raise InputError(f"cannot partition a {scheme}:// source: use a glob of files or a SQL table")
+    if sources._MAGIC_CHARS.search(source):
+        files = sources._expand(source)
+        return [Partition(i, str(path), path.name) for i, path in enumerate(files)]
+    if not partitions:
+        raise InputError(f"{source} is one file: pass partitions N to split it in N row ranges, or use a glob")
+    if split_dir is None:
+        raise InputError("splitting one file needs split_dir, a directory every worker can read")
+    return split_file(source, partitions, split_dir, options)
+
+
+# --- SQL key ranges -----------------------------------------------------------------------------------------
+
+
+def sql_partitions(url: str, query: str, column: str, n: int) -> list[Partition]:
+    """``n`` key ranges of ``column`` over ``query``'s rows, as one query per partition."""
+    base = query.strip().rstrip(";").strip()
+    if sources._IDENTIFIER.match(base):
+        base = "SELECT * FROM " + ".".join(sources._quote_identifier(p) for p in base.split("."))
+    key = sources._quote_identifier(column)
+    bounds = _tile_bounds(url, base, column, n)
+    inner = f"SELECT * FROM ({base}) AS apollo_sync_partition"
+    parts = []
+    edges = [None, *bounds[:-1], None]  # (lo, hi]: the last range has no upper bound
+    for i in range(len(edges) - 1):
+        lo, hi = edges[i], edges[i + 1]
+        where = []
+        if lo is not None:
+            where.append(f"{key} > {_literal(lo)}")
+        if hi is not None:
+            where.append(f"{key} <= {_literal(hi)}")
+        condition = " AND ".join(where) or "TRUE"
+        if i == 0:
+            condition = f"({condition}) OR {key} IS NULL"
+        label = f"{column} in ({'' if lo is None else lo}, {'' if hi is None else hi}]"
+        parts.append(Partition(i, url, label, f"{inner} WHERE {condition}"))
+    return parts
+
+
+def _tile_bounds(url: str, base: str, column: str, n: int) -> list[object]:
+    """The greatest key of each non-empty NTILE(n) tile, ascending (fewer than n when there are fewer keys)."""
+    import adbc_driver_manager
+
+    key = sources._quote_identifier(column)
+
+    scheme = sources._scheme(url)
+    kind = "sqlite" if scheme == "sqlite" else "postgresql"
+    sql = (
+        f"SELECT MAX(k) FROM (SELECT {key} AS k, NTILE({int(n)}) OVER (ORDER BY {key}) AS tile "
+        f"FROM ({base}) AS apollo_sync_source WHERE {key} IS NOT NULL) AS tiles GROUP BY tile ORDER BY tile"
+    )
+    shown = sources._redacted_url(url)
+    try:
+        conn = sources._connect(url, kind)
+    except adbc_driver_manager.Error as exc:
+        raise InputError(f"cannot connect to {shown}: {_scrubbed(exc, url)}; check the URL") from None
+    try:
+        cursor = conn.cursor()
+        cursor.execute(f"SELECT * FROM ({base}) AS apollo_sync_source LIMIT 0")  # SQLite reads "nope" as a string
+        names = [d[0] for d in cursor.description]
+        if column not in names:
+            raise InputError(f"partition_column {column} is not a column of the query result: pick one of {', '.join(names)}")
+        cursor.execute(sql)
+        values = [row[0] for row in cursor.fetchall()]
+    except adbc_driver_manager.Error as exc:
+        raise InputError(f"cannot split {shown} by {key}: {_scrubbed(exc, url)}; check query and partition_column") from None
+    finally:
+        conn.close()
+    bounds: list[object] = []
+    for value in values:  # equal keys can end two tiles: keep each boundary once
+        if not bounds or value != bounds[-1]:
+            bounds.append(value)
+    return bounds or [None]
+
+
+def _scrubbed(exc: BaseException, url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return sources._scrub(sources._adbc_message(exc), urlsplit(url).password)
+
+
+def _literal(value: object) -> str:
+    """A SQL literal for a key boundary: numbers as they are, everything else as a quoted string."""
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, (int, Decimal)) or (isinstance(value, float) and math.isfinite(value)):
+        return repr(value) if isinstance(value, float) else str(value)
+    return sources._quote_literal(str(value))
+
+
+# --- Row ranges of one file -------------------------------------------------------------------------------
+
+
+def row_ranges(total: int, n: int) -> list[tuple[int, int]]:
+    """``n`` (or fewer, never empty) half-open ranges [start, stop) of 0-based rows covering ``total`` rows."""
+    n = max(1, min(n, total))
+    size, extra = divmod(total, n)
+    ranges, start = [], 0
+    for i in range(n):
+        stop = start + size + (1 if i < extra else 0)
+        ranges.append((start, stop))
+        start = stop
+    return ranges
+
+
+def split_file(spec: str, n: int, split_dir: str | Path, options: sources.SourceOptions = sources.SourceOptions()) -> list[Partition]:
+    """Write ``spec``'s rows as ``n`` Parquet parts under ``split_dir`` (text columns, as read); one partition each."""
+    src = sources.read_source(spec, options)
+    out = Path(split_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create split_dir {out}: {exc.strerror or exc}") from None
+    total = src.frame.select(pl.len()).collect().item()
+    if total == 0:
+        raise InputError(f"{spec} has no rows to split")
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(spec).stem)[:60]
+    parts = []
+    for i, (start, stop) in enumerate(row_ranges(total, n)):
+        path = out / f"{stem}.rows-{start + 1}-{stop}.parquet"
+        rows = src.frame.filter(pl.col(SOURCE_ROW).is_between(start + 1, stop)).drop(SOURCE_ROW)
+        rows.sink_parquet(path)
+        parts.append(Partition(i, str(path), f"rows {start + 1}-{stop} of {Path(spec).name}"))
+    return parts
+
+
+# --- Summaries ----------------------------------------------------------------------------------------------
+
+
+def merge_summaries(
+    children: Sequence[Mapping[str, object] | None],
+    partitions: Sequence[Partition],
+    *,
+    seconds: float,
+    states: Sequence[str] | None = None,
+    extra: Mapping[str, object] | None = None,
+) -> dict:
+    """One summary for the whole source: children's counts added, ``seconds`` the parent's wall time.
+
+    ``children[i]`` is partition i's summary, or None when that child produced none (failed or crashed); its
+    line in ``partitions`` then says so, and its rows are in no count.
+    """
+    merged: dict[str, object] = {key: 0 for key in SUMMED_KEYS}
+    rejected: dict[str, int] = {}
+    unmapped: set[str] = set()
+    lines = []
+    for i, (summary, part) in enumerate(zip(children, partitions)):
+        state = states[i] if states else ("Completed" if summary is not None else "Failed")
+        line: dict[str, object] = {"partition": part.number, "label": part.label, "state": state}
+        if summary is not None:
+            for key in SUMMED_KEYS:
+                merged[key] += int(summary.get(key) or 0)  # type: ignore[operator]
+            for reason, count in (summary.get("rejected") or {}).items():  # type: ignore[union-attr]
+                rejected[reason] = rejected.get(reason, 0) + int(count)
+            unmapped.update(summary.get("unmapped_columns") or [])  # type: ignore[arg-type]
+            line |= {key: summary.get(key, 0) for key in ("rows_read", "created", "existing", "failed",
+                                                          "unconfirmed", "unchanged", "duplicates_in_source")}  # fmt: skip
+            line["report_dir"] = summary.get("report_dir")
+        lines.append(line)
+    if not merged["would_send"]:
+        del merged["would_send"]
+    merged["rejected"] = dict(sorted(rejected.items()))
+    merged["unmapped_columns"] = sorted(unmapped)
+    merged["seconds"] = round(seconds, 3)
+    merged["partitions"] = lines
+    merged["partitions_failed"] = sum(1 for line in lines if line["state"] != "Completed")
+    merged |= dict(extra or {})
+    order = ["rows_read", "rows_valid", "rejected", "duplicates_in_source", "created", "existing", "failed",
+             "unconfirmed", "unchanged", "would_send", "requests", "retries", "seconds"]  # fmt: skip
+    return {key: merged[key] for key in order if key in merged} | {k: v for k, v in merged.items() if k not in order}
+
+
+def write_summary(report_dir: str | Path, summary: Mapping[str, object]) -> Path:
+    """Write ``summary.json`` under ``report_dir`` atomically; returns its path."""
+    out = Path(report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (SUMMARY_FILE + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    return tmp.replace(out / SUMMARY_FILE)
