@@ -70,6 +70,7 @@ async def sync_contacts(
     dry_run: Annotated[bool, _form("Dry run")] = False,
     report_dir: Annotated[str | None, _form("Report directory")] = None,
     state_dir: Annotated[str, _form("State directory")] = settings.DEFAULT_STATE_DIR,
+    state_url: Annotated[str | None, _form("Shared ledger (postgresql:// URL)")] = None,
     mapping: Annotated[str | None, _form("Mapping file (TOML)")] = None,
     auth: Annotated[Literal["auto", "bearer", "x-api-key"], _form("Auth header")] = "auto",
     api_key_block: Annotated[str | None, _form("Secret block with the API key")] = settings.DEFAULT_SECRET_BLOCK,
@@ -100,6 +101,8 @@ async def sync_contacts(
         dry_run: Read, clean and plan only; send nothing and need no key.
         report_dir: Where summary.json and the per-row results go (default: a new folder under state_dir/runs).
         state_dir: Where the sync ledger lives; a re-run with the same state dir sends only what changed.
+        state_url: A postgresql:// URL for a ledger shared by several workers (instead of the one in state_dir);
+            runs on it claim contacts, so two partitions holding the same contact send it once.
         mapping: A TOML mapping file: source columns to Apollo fields, custom fields, constants.
         auth: How the key is sent; "auto" follows the host (Bearer for the gateway, X-Api-Key for Apollo).
         api_key_block: Name of the Prefect Secret block holding the key; APOLLO_API_KEY is used when it is absent.
@@ -121,7 +124,7 @@ async def sync_contacts(
     target = target_for(base_url)
     report_path = report_dir or str(state / "runs" / time.strftime("%Y%m%dT%H%M%S"))
 
-    ledger = Ledger.open(state)
+    ledger = Ledger.open(state, state_url)
     try:
         mark_key = _cursor_mark_key(source, query, cursor_column) if cursor_column else None
         options = SourceOptions(
