@@ -118,7 +118,7 @@ async def sync_contacts(
     """
     started = time.monotonic()
     log = get_run_logger()
-    _forward_library_logs()
+    restore_logging = _forward_library_logs()
     run_id = str(flow_run.get_id() or uuid.uuid4())
     state = Path(state_dir)
     target = target_for(base_url)
@@ -185,6 +185,7 @@ async def sync_contacts(
                           source_uri=src.uri, target_url=base_url)
     finally:
         ledger.close()
+        restore_logging()
 
     log.info(
         "Done in %.1fs: %d created, %d existing, %d unchanged, %d failed, %d unconfirmed; report in %s",
@@ -250,19 +251,27 @@ async def _load(to_send: pl.DataFrame, *, ledger: Ledger, target: str, run_id: s
     return outcomes, stats, aborted
 
 
-def _forward_library_logs() -> None:
+def _forward_library_logs():
     """Send the plain modules' log lines (pacing waits, bisections, give-ups) where Prefect sends the flow's.
 
-    The same as listing ``apollo_sync`` in PREFECT_LOGGING_EXTRA_LOGGERS, but it works however the flow was
-    started (CLI, worker, serve, import), whatever the environment said when Prefect was imported.
+    Like listing ``apollo_sync`` in PREFECT_LOGGING_EXTRA_LOGGERS, but it works however the flow was started
+    (CLI, worker, serve, import). Returns the function that undoes it when the run ends.
     """
     extra = logging.getLogger("prefect.extra")
     library = logging.getLogger("apollo_sync")
-    for handler in extra.handlers:
-        if handler not in library.handlers:
-            library.addHandler(handler)
-    if library.level == logging.NOTSET:
+    added = [h for h in extra.handlers if h not in library.handlers]
+    level = library.level
+    for handler in added:
+        library.addHandler(handler)
+    if level == logging.NOTSET:
         library.setLevel(extra.getEffectiveLevel())
+
+    def restore() -> None:
+        for handler in added:
+            library.removeHandler(handler)
+        library.setLevel(level)
+
+    return restore
 
 
 def _as_outcomes(rows: pl.DataFrame, outcome: str, reason: str | None = None) -> pl.DataFrame:
