@@ -44,12 +44,17 @@ SUMMED_KEYS = (
 
 @dataclass(frozen=True)
 class Partition:
-    """One child run's share: ``source`` (and ``query`` for SQL); ``label`` names it in run names and reports."""
+    """One child run's share: ``source`` (and ``query`` for SQL); ``label`` names it in run names and reports.
+
+    ``kind``: ``file`` (a file of a glob, read with the run's format options), ``sql`` (a key range) or ``part``
+    (a Parquet part written by :func:`split_file`: read as Parquet, whatever the original format was).
+    """
 
     number: int
     source: str
     label: str
     query: str | None = None
+    kind: str = "file"
 
 
 def plan_partitions(
@@ -108,7 +113,7 @@ def sql_partitions(url: str, query: str, column: str, n: int) -> list[Partition]
         if i == 0:
             condition = f"({condition}) OR {key} IS NULL"
         label = f"{column} in ({'' if lo is None else lo}, {'' if hi is None else hi}]"
-        parts.append(Partition(i, url, label, f"{inner} WHERE {condition}"))
+        parts.append(Partition(i, url, label, f"{inner} WHERE {condition}", kind="sql"))
     return parts
 
 
@@ -195,7 +200,7 @@ def split_file(spec: str, n: int, split_dir: str | Path, options: sources.Source
         path = out / f"{stem}.rows-{start + 1}-{stop}.parquet"
         rows = src.frame.filter(pl.col(SOURCE_ROW).is_between(start + 1, stop)).drop(SOURCE_ROW)
         rows.sink_parquet(path)
-        parts.append(Partition(i, str(path), f"rows {start + 1}-{stop} of {Path(spec).name}"))
+        parts.append(Partition(i, str(path), f"rows {start + 1}-{stop} of {Path(spec).name}", kind="part"))
     return parts
 
 

@@ -125,3 +125,41 @@ def test_merged_summary_adds_counts_and_still_adds_up(tmp_path):
     assert merged["partitions_failed"] == 1 and merged["partitions"][1]["report_dir"] == "b"
     path = write_summary(tmp_path / "out", merged)
     assert path.name == "summary.json" and '"created": 13' in path.read_text()
+
+
+def _flow_properties(entrypoint: str) -> set[str]:
+    from prefect.flows import load_flow_from_entrypoint
+
+    flow = load_flow_from_entrypoint(entrypoint, use_placeholder_flow=False)
+    return set(flow.parameters.model_dump_for_openapi()["properties"])
+
+
+def test_the_parent_deployment_and_the_parameters_it_gives_children_are_known_to_their_flows(monkeypatch, tmp_path):
+    import inspect
+
+    import yaml
+
+    from flows.sync_partitions import child_parameters, sync_partitions
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    deployments = {d["name"]: d for d in yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]}
+    parent, child = deployments["sync-partitions"], deployments["sync-contacts-partition"]
+    assert set(parent["parameters"]) <= _flow_properties(parent["entrypoint"])
+    child_props = _flow_properties(child["entrypoint"])
+    assert parent["parameters"]["deployment"] == "sync-contacts/" + child["name"]
+    assert not child["schedules"] and parent["work_pool"] == child["work_pool"]
+
+    # every parameter the parent passes exists on the child flow, for each kind of partition
+    shared_names = {"base_url", "labels", "run_dedupe", "chunk_size", "concurrency", "timeout", "state_dir",
+                    "state_url", "rate_limit_name", "mapping", "auth", "api_key_block", "full_refresh", "max_rpm",
+                    "phone_region"}  # fmt: skip
+    assert shared_names <= set(inspect.signature(sync_partitions.fn).parameters)
+    shared = {name: None for name in shared_names}
+    for part in (Partition(0, "a.csv", "a", kind="file"), Partition(1, "sqlite:///x.db", "k", "SELECT 1", kind="sql"),
+                 Partition(2, "p.parquet", "rows", kind="part")):  # fmt: skip
+        params = child_parameters(part, shared, tmp_path, format="csv", delimiter=";", encoding="latin-1")
+        assert set(params) <= child_props, part.kind
+        assert params["report_dir"].endswith(f"partition-{part.number:03d}")
+    assert "format" not in child_parameters(Partition(2, "p.parquet", "r", kind="part"), shared, tmp_path,
+                                            format="csv", delimiter=None, encoding="utf-8")  # fmt: skip
