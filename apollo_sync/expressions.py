@@ -33,14 +33,16 @@ def first_present(exprs: list[pl.Expr]) -> pl.Expr:
 
 # --- Email ----------------------------------------------------------------------------------
 
+_LOCAL_CHAR = r"[a-z0-9_%+'\-\u00C0-\u00D6\u00D8-\u00F6\u00F8-\u024F]"
 EMAIL_FAST_VALID = (
-    r"^[a-z0-9_%+'\-]+(?:\.[a-z0-9_%+'\-]+)*"
+    rf"^{_LOCAL_CHAR}+(?:\.{_LOCAL_CHAR}+)*"
     r"@(?:[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$"
 )
-"""The common shape of a valid lower-case ASCII address. Every string it matches (and that
+"""The common shape of a valid lower-case address. Every string it matches (and that
 :func:`email_fast_valid` does not exclude) is accepted unchanged by email-validator with
-``check_deliverability=False``: dot-atom local part of ordinary characters, hostname labels of
-at most 63 characters, an alphabetic TLD. The property test in tests/test_transform_props.py
+``check_deliverability=False``: dot-atom local part of ordinary characters or precomposed Latin
+letters (U+00C0-U+024F: José, Müller, Søren; long assigned, NFC-stable), an ASCII domain with
+hostname labels of at most 63 characters, an alphabetic TLD. The property test in tests/test_transform_props.py
 checks this against email-validator itself."""
 
 EMAIL_MAX_LENGTH = 254
