@@ -69,15 +69,16 @@ def email_fast_valid(expr: pl.Expr) -> pl.Expr:
 
 
 def email_fast_invalid(expr: pl.Expr) -> pl.Expr:
-    """True where a (normalised) email is certainly invalid for email-validator (no @, several @, spaces, ..).
+    """True where a (normalised) email is certainly invalid for email-validator.
 
-    email-validator (defaults: no quoted local part, no display name) rejects all of these; the
-    property test checks it.
+    Caught: no @ or several, whitespace, "..", a dot or @ at either end or beside the @, no dot in the
+    domain. email-validator (defaults: no quoted local part, no display name, globally deliverable
+    domains) rejects all of these; the property test checks it.
     """
     return (
         ~expr.str.contains("@", literal=True)
         | (expr.str.count_matches("@", literal=True) > 1)
-        | expr.str.contains(r"\s|\.\.|^[@.]|[@.]$|@\.|\.@")
+        | expr.str.contains(r"\s|\.\.|^[@.]|[@.]$|@\.|\.@|@[^.]*$")
     )
 
 
