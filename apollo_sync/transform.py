@@ -244,32 +244,28 @@ def _finish(cleaned: pl.DataFrame, region: str) -> pl.DataFrame:
     property tests check that whatever a fast path decides, the library decides the same.
     """
     email = pl.col("email")
-    fast_valid, fast_invalid = pl.col("_email_fast"), ex.email_fast_invalid(email)
-    undecided = cleaned.lazy().filter(email.is_not_null() & ~fast_valid & ~fast_invalid).select(email.unique()).collect()
-    email_lookup = {value: _validated_email(value) for value in undecided.get_column("email").to_list()}
+    cleaned = cleaned.with_columns(ex.email_fast_invalid(email).fill_null(False).alias("_email_bad"))
+    fast_valid, fast_invalid = pl.col("_email_fast"), pl.col("_email_bad")
+    undecided = cleaned.filter(email.is_not_null() & ~fast_valid & ~fast_invalid).get_column("email").unique()
+    checked = pl.Series([_validated_email(value) for value in undecided.to_list()], dtype=pl.String)
     checked_email = (
         pl.when(fast_valid)
         .then(email)
         .when(fast_invalid)
         .then(pl.lit(None, dtype=pl.String))
-        .otherwise(_lookup(email, email_lookup))
+        .otherwise(_lookup(email, undecided, checked))
     )
 
-    open_phones = (
-        pl.concat(
-            [
-                cleaned.lazy()
-                .filter(pl.col(n).is_null() & pl.col(_PHONE_RAW + n).is_not_null())
-                .select(pl.col(_PHONE_RAW + n).alias("phone"))
-                for n in settings.PHONE_FIELDS
-            ]
-        )
-        .unique()
-        .collect()
-    )
-    phone_lookup = _phone_lookup(open_phones.get_column("phone"), region)
+    open_phones = pl.concat(
+        [
+            cleaned.filter(pl.col(n).is_null() & pl.col(_PHONE_RAW + n).is_not_null()).get_column(_PHONE_RAW + n)
+            for n in settings.PHONE_FIELDS
+        ]
+    ).unique()
+    phone_keys, phone_values = _phone_lookup(open_phones, region)
     phone_exprs = [
-        pl.coalesce(pl.col(n), _lookup(pl.col(_PHONE_RAW + n), phone_lookup)).alias(n) for n in settings.PHONE_FIELDS
+        pl.coalesce(pl.col(n), _lookup(pl.col(_PHONE_RAW + n), phone_keys, phone_values)).alias(n)
+        for n in settings.PHONE_FIELDS
     ]
     out = cleaned.lazy().with_columns(
         checked_email.alias("email"), email.is_not_null().alias("_email_given"), *phone_exprs
@@ -296,7 +292,7 @@ def _finish(cleaned: pl.DataFrame, region: str) -> pl.DataFrame:
         )
     )
     out = out.with_columns(reason.alias(_REASON), identity.alias("identity"))
-    return out.drop("_email_given", "_email_fast").collect()
+    return out.drop("_email_given", "_email_fast", "_email_bad").collect()
 
 
 def _named() -> pl.Expr:
@@ -304,28 +300,26 @@ def _named() -> pl.Expr:
     return pl.col("first_name").is_not_null() & pl.col("last_name").is_not_null() & pl.col("organization_name").is_not_null()
 
 
-def _lookup(expr: pl.Expr, table: dict[str, str | None]) -> pl.Expr:
-    """``expr`` replaced through ``table`` (values missing from it become null)."""
-    if not table:
+def _lookup(expr: pl.Expr, keys: pl.Series, values: pl.Series) -> pl.Expr:
+    """``expr`` replaced through ``keys`` -> ``values`` (anything else becomes null)."""
+    if keys.len() == 0:
         return pl.lit(None, dtype=pl.String)
-    return expr.replace_strict(list(table), list(table.values()), default=None, return_dtype=pl.String)
+    return expr.replace_strict(keys, values, default=None, return_dtype=pl.String)
 
 
-def _phone_lookup(values: pl.Series, region: str) -> dict[str, str | None]:
-    """E.164 (or None: dropped) for each distinct phone text the North American fast path left open.
+def _phone_lookup(values: pl.Series, region: str) -> tuple[pl.Series, pl.Series]:
+    """(phone texts, E.164 or null: dropped) for the distinct phone texts the North American fast path left open.
 
     ``+<code> ...`` numbers of known calling codes are decided by the vectorised rule of
     :func:`apollo_sync.expressions.phone_international_e164`; phonenumbers parses the rest, once each.
     """
-    frame = values.to_frame("phone")
-    rules = _country_rules(frame.get_column("phone"))
-    decided, e164 = ex.phone_international_e164(pl.col("phone"), rules)
+    frame = values.rename("phone").to_frame()
+    decided, e164 = ex.phone_international_e164(pl.col("phone"), _country_rules(frame.get_column("phone")))
     frame = frame.lazy().select("phone", decided.alias("decided"), e164.alias("e164")).collect()
     fast = frame.filter(pl.col("decided"))
-    table = dict(zip(fast.get_column("phone").to_list(), fast.get_column("e164").to_list()))
-    for value in frame.filter(~pl.col("decided")).get_column("phone").to_list():
-        table[value] = _e164(value, region)
-    return table
+    slow = frame.filter(~pl.col("decided")).get_column("phone")
+    slow_e164 = pl.Series([_e164(value, region) for value in slow.to_list()], dtype=pl.String)
+    return pl.concat([fast.get_column("phone"), slow]), pl.concat([fast.get_column("e164"), slow_e164])
 
 
 def _country_rules(phones: pl.Series) -> dict[str, ex.CountryRule]:
