@@ -17,13 +17,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
+from apollo_sync import expressions, transform
 from apollo_sync import mapping as mapping_module
-from apollo_sync import transform
 from apollo_sync.sources import Source, SourceOptions, read_source
 
 _TRANSFORM_CODE = hashlib.sha256(
-    (inspect.getsource(transform) + inspect.getsource(mapping_module)).encode()
+    "".join(inspect.getsource(module) for module in (transform, mapping_module, expressions)).encode()
 ).hexdigest()[:16]
+"""Changes to the cleaning code invalidate cached results, like Prefect's TASK_SOURCE but for the whole transform."""
 
 
 @task(name="read_source", cache_policy=NO_CACHE, persist_result=False)
