@@ -140,6 +140,8 @@ class PostgresLedger(Ledger):
     def _claim(self, target: str, identities: list[str], fingerprints: list[str | None], run_id: str) -> Claim:
         if not identities:
             return Claim(frozenset(), frozenset())
+        unique = dict(zip(identities, fingerprints))  # one statement may not touch a row twice
+        identities, fingerprints = list(unique), list(unique.values())
         params = {"target": target, "run_id": run_id, "identities": identities, "fingerprints": fingerprints,
                   "since": self._since, "lease": float(self.lease_seconds)}  # fmt: skip
         with self._lock, self._db.transaction():
@@ -176,6 +178,7 @@ class PostgresLedger(Ledger):
         return bool(dead)
 
     def mark_pending(self, target: str, rows: pl.DataFrame, run_id: str) -> None:
+        rows = rows.unique("identity", keep="last", maintain_order=True)
         if rows.height == 0:
             return
         params = {"target": target, "run_id": run_id, "identities": rows["identity"].to_list(),
@@ -185,6 +188,7 @@ class PostgresLedger(Ledger):
 
     def record(self, target: str, outcomes: pl.DataFrame, run_id: str) -> None:
         kept = outcomes.filter(pl.col("outcome").is_in(["created", "existing", "failed"]))
+        kept = kept.unique("identity", keep="last", maintain_order=True)  # one statement may not touch a row twice
         if kept.height == 0:
             return
         params = {

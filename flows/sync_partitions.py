@@ -139,16 +139,20 @@ async def sync_partitions(
 
     async def run_child(part: Partition):
         params = child_parameters(part, shared, report_path, format=format, delimiter=delimiter, encoding=encoding)
-        async with slots:
-            child = await arun_deployment(
-                deployment, parameters=params, timeout=None, poll_interval=poll_seconds, as_subflow=True,
-                idempotency_key=f"{parent_id}:partition-{part.number}",  # a retried parent reuses its children
-                flow_run_name=f"partition {part.number}: {part.label}"[:120],
-            )  # fmt: skip
         summary = None
-        if child.state is not None and child.state.is_completed():
-            summary = await child.state.aresult()
-        state = child.state.name if child.state is not None else "Unknown"
+        try:
+            async with slots:
+                child = await arun_deployment(
+                    deployment, parameters=params, timeout=None, poll_interval=poll_seconds, as_subflow=True,
+                    idempotency_key=f"{parent_id}:partition-{part.number}",  # a retried parent reuses its children
+                    flow_run_name=f"partition {part.number}: {part.label}"[:120],
+                )  # fmt: skip
+            state = child.state.name if child.state is not None else "Unknown"
+            if child.state is not None and child.state.is_completed():
+                summary = await child.state.aresult()
+        except Exception as exc:  # noqa: BLE001 - one partition's trouble must not hide the others' results
+            state = f"Not run ({type(exc).__name__})"
+            log.error("Partition %d (%s) could not be run or read: %s", part.number, part.label, exc)
         done[0] += 1
         await partition_done(progress, done[0], len(parts))
         log.info("Partition %d (%s): %s", part.number, part.label, state)

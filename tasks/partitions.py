@@ -23,6 +23,7 @@ from prefect.artifacts import (
     aupdate_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_logger
 
 from apollo_sync.partitions import Partition, plan_partitions
 from apollo_sync.report import RESULTS_PARQUET
@@ -33,6 +34,8 @@ PROGRESS_KEY = "apollo-sync-partitions-progress"
 SUMMARY_KEY = "apollo-sync-partitions-summary"
 PROBLEMS_KEY = "apollo-sync-partitions-problems"
 PROBLEM_OUTCOMES = ("failed", "rejected", "unconfirmed")
+
+logger = get_logger("apollo_sync.partitions")
 
 
 @task(name="split_source", cache_policy=NO_CACHE, persist_result=False)
@@ -55,8 +58,11 @@ async def start_partition_progress(total: int):
 
 
 async def partition_done(artifact_id, done: int, total: int) -> None:
-    """Show ``done`` of ``total`` partitions finished."""
-    await aupdate_progress_artifact(artifact_id=artifact_id, progress=round(100.0 * done / max(total, 1), 1))
+    """Show ``done`` of ``total`` partitions finished (a failed update is only logged: progress is a view)."""
+    try:
+        await aupdate_progress_artifact(artifact_id=artifact_id, progress=round(100.0 * done / max(total, 1), 1))
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("Could not update the partitions progress artifact: %s", type(exc).__name__)
 
 
 def problem_rows(children: Sequence[Mapping[str, Any] | None], limit: int = MAX_PROBLEM_ROWS) -> list[dict]:

@@ -212,3 +212,11 @@ def test_two_loaders_over_overlapping_rows_send_each_contact_once(open_ledger, s
     assert landed.height + dup.height == 400 and landed["email"].n_unique() == 300
     assert dup["reason"].str.contains(r"claimed by another partition \(run run-[ab]\)").all()
     assert os.environ.get("APOLLO_API_KEY") is None
+
+
+def test_an_identity_twice_in_one_batch_is_claimed_and_recorded_once(open_ledger):
+    ledger = open_ledger()
+    got = ledger.claim(T, frame([("email:a", "1"), ("email:a", "1"), ("email:b", "2")]), "run-1")
+    assert got.claimed == {"email:a", "email:b"} and not got.refused
+    ledger.record(T, outcomes([("email:a", "1", "created", "A"), ("email:a", "1", "existing", "A")]), "run-1")
+    assert ledger.status_counts(T) == {"existing": 1, "pending": 1}
