@@ -163,3 +163,22 @@ def test_the_parent_deployment_and_the_parameters_it_gives_children_are_known_to
         assert params["report_dir"].endswith(f"partition-{part.number:03d}")
     assert "format" not in child_parameters(Partition(2, "p.parquet", "r", kind="part"), shared, tmp_path,
                                             format="csv", delimiter=None, encoding="utf-8")  # fmt: skip
+
+
+@pytest.mark.prefect
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_parent_fails_when_a_child_cannot_run_and_still_writes_the_merged_summary(tmp_path):
+    import asyncio
+    import json
+
+    from flows.sync_partitions import PartitionsFailed, sync_partitions
+
+    for name in ("a.csv", "b.csv"):
+        _csv(tmp_path / name, [f"{name}@x.com"])
+    report = tmp_path / "report"
+    with pytest.raises(PartitionsFailed, match="2 of 2 partitions did not complete"):
+        asyncio.run(sync_partitions(source=str(tmp_path / "*.csv"), deployment="sync-contacts/no-such-deployment",
+                                    report_dir=str(report), state_dir=str(tmp_path / "state"), poll_seconds=0.1))  # fmt: skip
+    summary = json.loads((report / "summary.json").read_text())
+    assert [p["state"] for p in summary["partitions"]] == ["Not run (ObjectNotFound)"] * 2
+    assert summary["partitions_failed"] == 2 and summary["rows_read"] == 0 and not summary_problems(summary)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
+import signal
 import subprocess
 import sys
 import time
@@ -124,8 +124,8 @@ def test_two_workers_four_overlapping_partitions_one_rate_budget_every_contact_o
             }))  # fmt: skip
             parent = asyncio.run(_wait_final(prefect_server, parent_id))
         finally:
-            for worker in workers:
-                stop_process(worker)
+            codes = [stop_process(worker) for worker in workers]
+        assert -signal.SIGKILL not in codes, f"a worker ignored SIGTERM: {codes}"
         outputs = [log.read_text(errors="replace") for log in logs]
         assert parent.state.is_completed(), f"{parent.state}\n" + "\n".join(o[-3000:] for o in outputs)
 
