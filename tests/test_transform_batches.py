@@ -1,0 +1,91 @@
+"""prepare() in batches and with Parquet parts (out_dir): the same results as one batch in memory."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from apollo_sync.transform import DONE_MARKER, prepare
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from make_crm_export import generate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def export() -> tuple[pl.DataFrame, dict]:
+    return generate(3000, seed=11)
+
+
+def _collected(frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
+    return frame.collect() if isinstance(frame, pl.LazyFrame) else frame
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_batches_give_the_same_results_as_one_batch(export, lazy: bool) -> None:
+    df, truth = export
+    whole = prepare(df, batch_rows=10_000)
+    batched = prepare(df.lazy() if lazy else df, batch_rows=250)
+    for name in ("contacts", "rejected", "duplicates"):
+        assert_frame_equal(getattr(batched, name), getattr(whole, name))
+    assert (batched.rows_read, batched.phones_dropped) == (whole.rows_read, whole.phones_dropped) == (3000, whole.phones_dropped)
+    assert batched.duplicates.height == truth["duplicates_in_source"]
+    assert batched.contacts_count == whole.contacts.height
+    # duplicates cross batch boundaries: some survivor and its duplicate are in different batches
+    crossing = batched.duplicates.filter((pl.col("source_row") - 1) // 250 != (pl.col("merged_into") - 1) // 250)
+    assert crossing.height > 0
+
+
+def test_out_dir_writes_parquet_parts_and_scans_them(export, tmp_path: Path) -> None:
+    df, truth = export
+    whole = prepare(df)
+    out = tmp_path / "prepared"
+    spilled = prepare(df.lazy(), out_dir=out, batch_rows=700)
+    assert isinstance(spilled.contacts, pl.LazyFrame)
+    for name in ("contacts", "rejected", "duplicates"):
+        assert_frame_equal(getattr(spilled, name).collect(), getattr(whole, name))
+    assert spilled.contacts_count == whole.contacts.height
+    assert spilled.rejected_count == truth["invalid_email"] + truth["missing_identity"]
+    assert spilled.duplicates_count == truth["duplicates_in_source"]
+    assert not list(out.glob("clean-*"))  # the cleaned rows between passes are gone
+    marker = json.loads((out / DONE_MARKER).read_text())
+    assert marker["rows_read"] == 3000 and marker["contacts_count"] == whole.contacts.height
+    # a second run into the same directory replaces the parts, never adds to them
+    again = prepare(df.head(100), out_dir=out, batch_rows=700)
+    assert again.contacts.collect().height == again.contacts_count < 100
+
+
+def test_fill_from_a_duplicate_in_a_later_batch() -> None:
+    df = pl.DataFrame(
+        {
+            "Email": ["a@x.com", "b@x.com", "c@x.com", " A@X.com "],
+            "Title": [None, "CTO", None, "CEO"],
+        }
+    )
+    p = prepare(df, batch_rows=2)
+    assert p.contacts.select("source_row", "title").rows() == [(1, "CEO"), (2, "CTO"), (3, None)]
+    assert p.duplicates.rows() == [(4, "a@x.com", 1)]
+
+
+def test_empty_lazy_frame_keeps_schemas(tmp_path: Path) -> None:
+    empty = pl.DataFrame({"Email": pl.Series([], dtype=pl.String)})
+    mem = prepare(empty.lazy(), batch_rows=2)
+    disk = prepare(empty.lazy(), out_dir=tmp_path, batch_rows=2)
+    for name in ("contacts", "rejected", "duplicates"):
+        assert_frame_equal(_collected(getattr(disk, name)), getattr(mem, name))
+        assert getattr(mem, name).height == 0
+
+
+def test_batches_are_batch_rows_long() -> None:
+    from apollo_sync.transform import _batches
+
+    df = pl.DataFrame({"a": [str(i) for i in range(1000)]})
+    lf = df.lazy().with_row_index("source_row", offset=1)
+    assert [b.height for b in _batches(df, lf, 300)] == [300, 300, 300, 100]
+    assert [b.height for b in _batches(df, lf, 5000)] == [1000]
+    assert pl.concat(list(_batches(df.lazy(), lf, 300)))["source_row"].to_list() == list(range(1, 1001))
