@@ -11,6 +11,7 @@ from apollo_sync.errors import InputError
 from apollo_sync.partitions import Partition, merge_summaries, plan_partitions, row_ranges, write_summary
 from apollo_sync.report import summary_problems
 from apollo_sync.sources import SourceOptions, read_source
+from services import postgres  # noqa: F401 - fixture
 
 
 def _csv(path, emails):
@@ -44,6 +45,22 @@ def test_sql_key_ranges_cover_every_row_exactly_once(tmp_path, n):
     assert sorted(seen) == sorted(f"p{i}@x.com" for i in range(len(ids)))
     if n == 4:
         assert len(parts) == 4 and max(len(_emails(p)) for p in parts) <= 4  # nearly equal sizes
+
+
+def test_postgres_key_ranges_cover_every_row_exactly_once(postgres):  # noqa: F811
+    import psycopg
+
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS partition_people")
+        conn.execute("CREATE TABLE partition_people (id NUMERIC, signed_up TIMESTAMPTZ, email TEXT)")
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO partition_people VALUES (%s, now() - make_interval(days => %s), %s)",
+                            [(None if i == 7 else i * 1.5, i % 9, f"pg{i}@x.com") for i in range(50)])  # fmt: skip
+    for column in ("id", "signed_up"):
+        parts = plan_partitions(postgres.url, query="partition_people", partition_column=column, partitions=4)
+        assert len(parts) == 4 and all(p.kind == "sql" for p in parts)
+        seen = [e for p in parts for e in _emails(p)]
+        assert sorted(seen) == sorted(f"pg{i}@x.com" for i in range(50)), column
 
 
 def test_sql_text_keys_with_quotes_split_too(tmp_path):
