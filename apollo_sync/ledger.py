@@ -353,7 +353,7 @@ class SQLiteLedger(Ledger):
                 raise
             self._db.execute("COMMIT")
         claimed = frozenset(i for i in identities if holders.get(i) == run_id)
-        refused = {i: holders[i] for i in identities if i not in claimed}
+        refused = {i: holders.get(i) or "?" for i in identities if i not in claimed}
         return Claim(claimed, frozenset(seen & claimed), refused)
 
     def heartbeat(self, run_id: str) -> None:
