@@ -73,14 +73,18 @@ def _phone(rng: random.Random) -> str | None:
     return rng.choice(["123", "n/a", "call me", "555-01", "0000000000000000000"])
 
 
-def generate(rows: int, seed: int = 7) -> tuple[pl.DataFrame, dict[str, int]]:
-    """The export as an all-String frame (no source_row) and the true counts for it."""
+def generate(rows: int, seed: int = 7, start: int = 0) -> tuple[pl.DataFrame, dict[str, int]]:
+    """The export as an all-String frame (no source_row) and the true counts for it.
+
+    ``start``: the number of rows before this frame in the file (record ids, emails and name-only companies
+    carry the row number, so frames generated with their offsets never collide).
+    """
     rng = random.Random(seed)
     kinds = rng.choices(range(len(KINDS)), weights=WEIGHTS, k=rows)
     records: list[tuple] = []
     originals: list[int] = []  # indexes of valid/name_only rows a duplicate may copy
     truth = dict.fromkeys(KINDS, 0)
-    for i, k in enumerate(kinds):
+    for i, k in enumerate(kinds, start=start):
         kind = KINDS[k]
         if kind == "duplicate" and not originals:
             kind = "valid"
@@ -126,7 +130,7 @@ def generate(rows: int, seed: int = 7) -> tuple[pl.DataFrame, dict[str, int]]:
     columns = ["First Name", "Last Name", "Email Address", "Company", "Job Title", "Phone", "Mobile", "Website",
                "LinkedIn", "City", "State", "Country", "Tags", "Notes"]
     frame = pl.DataFrame(records, schema=dict.fromkeys(columns, pl.String), orient="row")
-    frame = frame.with_columns(pl.int_range(1, rows + 1).cast(pl.String).alias("Record ID")).select(["Record ID", *columns])
+    frame = frame.with_columns(pl.int_range(start + 1, start + rows + 1).cast(pl.String).alias("Record ID")).select(["Record ID", *columns])
     return frame, {
         "rows": rows,
         "invalid_email": truth["invalid_email"],
@@ -135,10 +139,22 @@ def generate(rows: int, seed: int = 7) -> tuple[pl.DataFrame, dict[str, int]]:
     }
 
 
-def write_export(rows: int, out: Path, seed: int = 7) -> dict[str, int]:
-    """Write the export CSV to ``out`` and return its true counts."""
-    frame, truth = generate(rows, seed)
-    frame.write_csv(out)
+CHUNK_ROWS = 1_000_000
+
+
+def write_export(rows: int, out: Path, seed: int = 7, chunk_rows: int = CHUNK_ROWS) -> dict[str, int]:
+    """Write the export CSV to ``out`` and return its true counts.
+
+    Written ``chunk_rows`` at a time, so a 10M-row file needs no more memory than a 1M-row one; a
+    duplicate then copies a row of its own chunk (chunk k uses seed ``seed + k``; one chunk is ``generate``).
+    """
+    truth = {"rows": 0, "invalid_email": 0, "missing_identity": 0, "duplicates_in_source": 0}
+    with open(out, "wb") as fh:
+        for k, start in enumerate(range(0, rows, chunk_rows)):
+            frame, part = generate(min(chunk_rows, rows - start), seed + k, start)
+            frame.write_csv(fh, include_header=start == 0)
+            del frame
+            truth = {key: truth[key] + part[key] for key in truth}
     return truth
 
 
