@@ -164,19 +164,24 @@ class Ledger(abc.ABC):
             return PostgresLedger(state_url)
         return SQLiteLedger(Path(state_dir) / LEDGER_FILE)
 
-    def plan(self, target: str, contacts: pl.DataFrame, full_refresh: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
+    def plan(self, target: str, contacts: pl.DataFrame | pl.LazyFrame, full_refresh: bool = False):
         """Split ``contacts`` (columns ``identity``, ``fingerprint``, ...) into ``(to_send, unchanged)``.
 
         ``unchanged``: the identity is confirmed (created/existing) with the same fingerprint (never with
         ``full_refresh``). ``to_send`` gets a bool column ``must_dedupe``: the ledger has seen this identity
         before (a pending row from a killed run, a failed row, or changed content), so it must be sent with
-        ``run_dedupe`` true. Both keep the input's columns and order.
+        ``run_dedupe`` true. Both keep the input's columns and order. A LazyFrame (prepare()'s Parquet parts)
+        gives two LazyFrames: the ledger is read now, the contacts only when they are collected or sunk.
         """
+        lazy = isinstance(contacts, pl.LazyFrame)
+        names = contacts.collect_schema().names() if lazy else contacts.columns
         for column in ("identity", "fingerprint"):
-            if column not in contacts.columns:
+            if column not in names:
                 raise InputError(f"contacts for the ledger need a {column!r} column; prepare() makes it")
         self._planned_at = self._clock()
         known = self._known(target).rename({"fingerprint": "_ledger_fp", "status": "_ledger_status"})
+        if lazy:
+            known = known.lazy()
         joined = contacts.join(known, on="identity", how="left", maintain_order="left")
         is_unchanged = (
             pl.col("_ledger_status").is_in(CONFIRMED) & (pl.col("_ledger_fp") == pl.col("fingerprint"))

@@ -36,11 +36,15 @@ SUMMARY_FILE = "summary.json"
 RESULTS_PARQUET = "results.parquet"
 RESULTS_CSV = "results.csv"
 REJECTED_CSV = "rejected.csv"
+Frame = pl.DataFrame | pl.LazyFrame
 _SPREADSHEET_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
 
 
-def results_frame(rejected: pl.DataFrame, duplicates: pl.DataFrame, outcomes: pl.DataFrame) -> pl.DataFrame:
-    """One row per input row, ordered by source row: the content of ``results.parquet``."""
+def results_frame(rejected: Frame, duplicates: Frame, outcomes: Frame) -> Frame:
+    """One row per input row, ordered by source row: the content of ``results.parquet``.
+
+    Lazy when any input is lazy (prepare()'s Parquet parts): :func:`write_report` then streams it to the files.
+    """
     parts = [
         rejected.select(
             pl.col(SOURCE_ROW).cast(pl.Int64),
@@ -57,28 +61,35 @@ def results_frame(rejected: pl.DataFrame, duplicates: pl.DataFrame, outcomes: pl
             pl.format("merged into row {}", pl.col("merged_into")).alias("reason"),
         ),
         outcomes.select(
-            pl.col(name).cast(dtype) if name in outcomes.columns else pl.lit(None, dtype).alias(name)
+            pl.col(name).cast(dtype) if name in _names(outcomes) else pl.lit(None, dtype).alias(name)
             for name, dtype in RESULTS_SCHEMA.items()
         ),
     ]
+    if any(isinstance(part, pl.LazyFrame) for part in parts):
+        parts = [part.lazy() for part in parts]
     return pl.concat(parts, how="vertical").sort(SOURCE_ROW)
+
+
+def _names(frame: Frame) -> list[str]:
+    return frame.collect_schema().names() if isinstance(frame, pl.LazyFrame) else frame.columns
 
 
 def build_summary(
     *,
     rows_read: int,
-    results: pl.DataFrame,
+    results: Frame,
     requests: int = 0,
     retries: int = 0,
     seconds: float = 0.0,
     extra: Mapping[str, object] | None = None,
 ) -> dict:
-    """Count outcomes in ``results`` into the summary's fixed keys (plus ``extra`` ones)."""
-    counts = dict(results.group_by("outcome").len().iter_rows())
-    rejected = {
-        reason: n
-        for reason, n in results.filter(pl.col("outcome") == "rejected").group_by("reason").len().sort("reason").iter_rows()
-    }
+    """Count outcomes in ``results`` (a frame or a lazy one) into the summary's fixed keys (plus ``extra`` ones)."""
+    by_outcome = results.group_by("outcome").len()
+    by_reason = results.filter(pl.col("outcome") == "rejected").group_by("reason").len().sort("reason")
+    if isinstance(results, pl.LazyFrame):
+        by_outcome, by_reason = pl.collect_all([by_outcome, by_reason], engine="streaming")
+    counts = dict(by_outcome.iter_rows())
+    rejected = dict(by_reason.iter_rows())
     summary: dict[str, object] = {
         "rows_read": rows_read,
         "rows_valid": rows_read - sum(rejected.values()),
@@ -111,23 +122,35 @@ def summary_problems(summary: Mapping[str, object]) -> list[str]:
     return problems
 
 
-def escape_for_spreadsheet(frame: pl.DataFrame) -> pl.DataFrame:
+def escape_for_spreadsheet(frame: Frame) -> Frame:
     """Prefix text cells that a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``) with ``'``."""
     pattern = "^[" + "".join("\\" + c if c in "-+" else c for c in _SPREADSHEET_TRIGGERS) + "]"
     return frame.with_columns(
         pl.when(pl.col(name).str.contains(pattern)).then(pl.lit("'") + pl.col(name)).otherwise(pl.col(name)).alias(name)
-        for name, dtype in frame.schema.items()
+        for name, dtype in frame.collect_schema().items()
         if dtype == pl.String
     )
 
 
-def write_report(report_dir: str | Path, summary: Mapping[str, object], results: pl.DataFrame, rejected: pl.DataFrame) -> Path:
-    """Write summary.json, results.parquet, results.csv and rejected.csv (with original values) to ``report_dir``."""
+def write_report(report_dir: str | Path, summary: Mapping[str, object], results: Frame, rejected: Frame) -> Path:
+    """Write summary.json, results.parquet, results.csv and rejected.csv (with original values) to ``report_dir``.
+
+    Lazy ``results``/``rejected`` are streamed to the files (results.parquet written first, then read back
+    for the CSV), so a 10M-row report never sits in memory twice.
+    """
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results.write_parquet(out / RESULTS_PARQUET)
-    escape_for_spreadsheet(results).write_csv(out / RESULTS_CSV)
-    escape_for_spreadsheet(rejected.select(pl.all().cast(pl.String))).write_csv(out / REJECTED_CSV)
+    if isinstance(results, pl.LazyFrame):
+        results.sink_parquet(out / RESULTS_PARQUET, engine="streaming")
+        escape_for_spreadsheet(pl.scan_parquet(out / RESULTS_PARQUET)).sink_csv(out / RESULTS_CSV, engine="streaming")
+    else:
+        results.write_parquet(out / RESULTS_PARQUET)
+        escape_for_spreadsheet(results).write_csv(out / RESULTS_CSV)
+    rejected_text = escape_for_spreadsheet(rejected.select(pl.all().cast(pl.String)))
+    if isinstance(rejected_text, pl.LazyFrame):
+        rejected_text.sink_csv(out / REJECTED_CSV, engine="streaming")
+    else:
+        rejected_text.write_csv(out / REJECTED_CSV)
     tmp = out / (SUMMARY_FILE + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     tmp.replace(out / SUMMARY_FILE)  # summary last and atomically: its presence means the report is whole

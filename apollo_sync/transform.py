@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import phonenumbers
@@ -165,6 +167,26 @@ def _batches(frame: pl.LazyFrame | pl.DataFrame, lf: pl.LazyFrame, batch_rows: i
             yield batch
     if not given:
         yield lf.head(0).collect()
+
+
+def reopen_parts(prepared: Prepared, out_dir: str | Path) -> Prepared:
+    """``prepared`` (made with ``out_dir=...``) with its frames scanning the parts now in ``out_dir`` (after a move)."""
+    return replace(prepared, **{kind: pl.scan_parquet(Path(out_dir) / f"{kind}-*.parquet") for kind in PART_KINDS})
+
+
+def prune_prepared(root: str | Path, max_age_seconds: float, keep: Path | None = None) -> None:
+    """Remove ``out_dir``s under ``root`` (and left-over ``*.tmp`` ones) not written for ``max_age_seconds``."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    now = time.time()
+    for child in root.iterdir():
+        if not child.is_dir() or child == keep:
+            continue
+        marker = child / DONE_MARKER
+        stamp = (marker if marker.exists() else child).stat().st_mtime
+        if now - stamp > max_age_seconds:
+            shutil.rmtree(child, ignore_errors=True)
 
 
 class _Parts:

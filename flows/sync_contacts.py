@@ -132,23 +132,24 @@ async def sync_contacts(
             cursor_after=ledger.get_mark(mark_key) if mark_key else None,
         )
         src = read_contacts(source, options)
-        prepared = clean_contacts(src, mapping, phone_region)
+        prepared = clean_contacts(src, mapping, phone_region, str(state / "prepared"))
         log.info(
             "Read %d rows from %s: %d to load, %d rejected, %d duplicates in source",
-            prepared.rows_read, src.description, prepared.contacts.height, prepared.rejected.height,
-            prepared.duplicates.height,
+            prepared.rows_read, src.description, prepared.contacts_count, prepared.rejected_count,
+            prepared.duplicates_count,
         )
         if prepared.unmapped_columns:
             log.info("Columns not sent (unmapped): %s", ", ".join(prepared.unmapped_columns))
 
+        # prepared's frames are lazy scans of its Parquet parts: a dry run streams them into the report;
+        # a real run collects only the rows to send.
         to_send, unchanged = ledger.plan(target, prepared.contacts, full_refresh=full_refresh)
         outcomes = [_as_outcomes(unchanged, "unchanged")]
         stats: dict = {}
         aborted: AuthError | None = None
         if dry_run:
             outcomes.append(_as_outcomes(to_send, "would_send"))
-            log.info("Dry run: %d rows would be sent, %d unchanged since the last sync", to_send.height, unchanged.height)
-        elif to_send.height:
+        elif (to_send := _collected(to_send)).height:
             loaded, stats, aborted = await _load(
                 to_send, ledger=ledger, target=target, run_id=run_id, base_url=base_url, auth=auth,
                 api_key_block=api_key_block, timeout=timeout, concurrency=concurrency, chunk_size=chunk_size,
@@ -158,7 +159,7 @@ async def sync_contacts(
         else:
             log.info("Nothing new or changed since the last sync: no request needed")
 
-        results = results_frame(prepared.rejected, prepared.duplicates, pl.concat(outcomes, how="vertical"))
+        results = results_frame(prepared.rejected, prepared.duplicates, pl.concat([o.lazy() for o in outcomes]))
         summary = build_summary(
             rows_read=prepared.rows_read,
             results=results,
@@ -173,6 +174,9 @@ async def sync_contacts(
                 "report_dir": str(Path(report_path).resolve()),
             },
         )
+        if dry_run:
+            log.info("Dry run: %d rows would be sent, %d unchanged since the last sync",
+                     summary.get("would_send", 0), summary["unchanged"])
         for problem in summary_problems(summary):
             log.error("Summary does not add up: %s", problem)
         write_report_files(report_path, summary, results, prepared.rejected)
@@ -181,7 +185,8 @@ async def sync_contacts(
                 ledger.set_mark(mark_key, src.cursor_max)
             else:
                 log.warning("Cursor not advanced: some rows are failed or unconfirmed; the next run reads them again")
-        await publish_run(summary, results.filter(pl.col("outcome").is_in(["failed", "rejected", "unconfirmed"])),
+        problems = _collected(results.filter(pl.col("outcome").is_in(["failed", "rejected", "unconfirmed"])))
+        await publish_run(summary, problems,
                           source_uri=src.uri, target_url=base_url)
     finally:
         ledger.close()
@@ -274,12 +279,17 @@ def _forward_library_logs():
     return restore
 
 
-def _as_outcomes(rows: pl.DataFrame, outcome: str, reason: str | None = None) -> pl.DataFrame:
+def _collected(frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
+    return frame.collect(engine="streaming") if isinstance(frame, pl.LazyFrame) else frame
+
+
+def _as_outcomes(rows: pl.DataFrame | pl.LazyFrame, outcome: str, reason: str | None = None):
+    has_id = "apollo_id" in rows.collect_schema().names()
     return rows.select(
         pl.col(settings.SOURCE_ROW).cast(pl.Int64),
         pl.col("email").cast(pl.String),
         pl.lit(outcome).alias("outcome"),
-        (pl.col("apollo_id").cast(pl.String) if "apollo_id" in rows.columns else pl.lit(None, pl.String)).alias("apollo_id"),
+        (pl.col("apollo_id").cast(pl.String) if has_id else pl.lit(None, pl.String)).alias("apollo_id"),
         pl.lit(reason, pl.String).alias("reason"),
     ).cast(RESULTS_SCHEMA)
 

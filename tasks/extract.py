@@ -4,12 +4,19 @@
 cached on the source's content fingerprint, the mapping file's content, the phone region and the transform's code,
 so a retried or repeated flow run over unchanged input does not recompute it. Changing any of those (or
 ``PREFECT_TASKS_REFRESH_CACHE=true``) computes it again.
+
+With ``prepared_dir`` (the flow passes ``<state_dir>/prepared``) the transform writes its results as Parquet parts
+in ``<prepared_dir>/<cache digest>/`` and returns LazyFrames over them, so memory stays bounded on 10M-row sources
+and the cached result is a few paths, not the rows. Those parts outlive the run like the ledger does; the cache key
+names one generation of them (a token written with them), so a cached result never points at missing parts, and parts older than the cache expiration are pruned.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import shutil
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,21 +40,61 @@ def read_contacts(spec: str, options: SourceOptions) -> Source:
     return read_source(spec, options)
 
 
-def _clean_cache_key(ctx: TaskRunContext, params: dict) -> str:
-    source: Source = params["source"]
-    mapping_path = params.get("mapping_path")
+CLEAN_CACHE_EXPIRATION = timedelta(days=1)
+
+
+def _clean_digest(source: Source, mapping_path: str | None, phone_region: str | None) -> str:
     mapping_digest = hashlib.sha256(Path(mapping_path).read_bytes()).hexdigest() if mapping_path else "none"
-    parts = "|".join([source.fingerprint, mapping_digest, params.get("phone_region") or "", _TRANSFORM_CODE])
-    return f"{ctx.task.name}-{hashlib.sha256(parts.encode()).hexdigest()}"
+    parts = "|".join([source.fingerprint, mapping_digest, phone_region or "", _TRANSFORM_CODE])
+    return hashlib.sha256(parts.encode()).hexdigest()
+
+
+def _clean_cache_key(ctx: TaskRunContext, params: dict) -> str:
+    digest = _clean_digest(params["source"], params.get("mapping_path"), params.get("phone_region"))
+    prepared_dir = params.get("prepared_dir")
+    if not prepared_dir:
+        return f"{ctx.task.name}-{digest}"
+    parts_dir = Path(prepared_dir).resolve() / digest
+    # The key names one generation of the parts: while they are whole it is the token written with them; when
+    # they are gone a new token is promised to the run that writes them again, so a cached result never points
+    # at missing files.
+    if (parts_dir / transform.DONE_MARKER).is_file() and (parts_dir / _TOKEN).is_file():
+        token = (parts_dir / _TOKEN).read_text(encoding="utf-8")
+    else:
+        token = uuid.uuid4().hex
+        parts_dir.parent.mkdir(parents=True, exist_ok=True)
+        (parts_dir.parent / f"{digest}.{_TOKEN}").write_text(token, encoding="utf-8")
+    return f"{ctx.task.name}-{hashlib.sha256(f'{digest}|{parts_dir}|{token}'.encode()).hexdigest()}"
+
+
+_TOKEN = "cache-token"
 
 
 @task(
     name="clean_contacts",
     cache_key_fn=_clean_cache_key,
-    cache_expiration=timedelta(days=1),
+    cache_expiration=CLEAN_CACHE_EXPIRATION,
     persist_result=True,
 )
-def clean_contacts(source: Source, mapping_path: str | None, phone_region: str) -> transform.Prepared:
-    """Map headers, clean, validate and dedupe the source's rows (see ``apollo_sync.transform``)."""
+def clean_contacts(
+    source: Source, mapping_path: str | None, phone_region: str, prepared_dir: str | None = None
+) -> transform.Prepared:
+    """Map headers, clean, validate and dedupe the source's rows (see ``apollo_sync.transform``).
+
+    With ``prepared_dir`` the results are Parquet parts under it and the Prepared's frames are LazyFrames.
+    """
     mapping = transform.load_mapping(mapping_path) if mapping_path else None
-    return transform.prepare(source.frame, mapping=mapping, phone_region=phone_region)
+    if not prepared_dir:
+        return transform.prepare(source.frame, mapping=mapping, phone_region=phone_region)
+    root = Path(prepared_dir).resolve()
+    final = root / _clean_digest(source, mapping_path, phone_region)
+    transform.prune_prepared(root, CLEAN_CACHE_EXPIRATION.total_seconds(), keep=final)
+    work = root / f"{final.name}.{uuid.uuid4().hex[:8]}.tmp"  # concurrent runs never write the same files
+    prepared = transform.prepare(source.frame, mapping=mapping, phone_region=phone_region, out_dir=work)
+    promised = root / f"{final.name}.{_TOKEN}"
+    token = promised.read_text(encoding="utf-8") if promised.is_file() else uuid.uuid4().hex
+    (work / _TOKEN).write_text(token, encoding="utf-8")
+    shutil.rmtree(final, ignore_errors=True)
+    work.rename(final)
+    promised.unlink(missing_ok=True)
+    return transform.reopen_parts(prepared, final)
