@@ -200,7 +200,7 @@ class _Parts:
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / DONE_MARKER).unlink(missing_ok=True)
-            for kind in (*PART_KINDS, "clean"):
+            for kind in (*PART_KINDS, "clean", "candidates"):
                 for old in self.dir.glob(f"{kind}-*.parquet"):
                     old.unlink()
 
@@ -232,6 +232,20 @@ class _Parts:
         else:
             self._path(kind, index).unlink()
         return df
+
+    def column(self, kind: str, columns: list[str]) -> pl.DataFrame:
+        """``columns`` of every part of ``kind``, concatenated (Parquet reads only those columns)."""
+        if self.dir is None:
+            frames = [df.select(columns) for df in self.memory[kind] if df is not None]
+            return pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]
+        return pl.read_parquet(self.dir / f"{kind}-*.parquet", columns=columns)
+
+    def drop(self, kind: str) -> None:
+        """Forget every part of ``kind`` (memory freed, files removed)."""
+        self.memory.pop(kind, None)
+        if self.dir is not None:
+            for path in self.dir.glob(f"{kind}-*.parquet"):
+                path.unlink()
 
     def frame(self, kind: str) -> pl.DataFrame | pl.LazyFrame:
         if self.dir is None:
@@ -542,28 +556,45 @@ def _rejected(raw: pl.DataFrame, cleaned: pl.DataFrame) -> pl.DataFrame:
 def _duplicate_groups(parts: _Parts, hashes: list[pl.Series]) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(duplicates frame, groups) for the valid rows of every batch, found across batches.
 
-    ``hashes`` holds each batch's 64-bit identity hashes; only the rows whose hash repeats somewhere are read
-    back (with their global position ``_pos``) and grouped on the exact identity text, so a hash collision
-    only costs a little work, never a merge. A group (one identity seen more than once) has the first
-    non-null value of each field in row order, the positions of its rows (``_pos``, survivor first).
+    ``hashes`` holds each batch's 64-bit identity hashes; only the rows whose hash repeats somewhere are kept
+    (with their global position ``_pos``, as ``candidates`` parts) and grouped on the exact identity text, so a
+    hash collision only costs a little work, never a merge. A group (one identity seen more than once) has the
+    positions of its rows (``_pos``, survivor first) and the first non-null value of each field in row order,
+    computed one field at a time so only a column of the candidates is in memory at once.
     """
     everything = pl.concat(hashes) if len(hashes) > 1 else hashes[0]
     maybe_dup = everything.is_duplicated()
     del everything
-    candidates, offset = [], 0
+    keys, offset = [], 0
     for index, h in enumerate(hashes):
         mask = maybe_dup.slice(offset, h.len())
-        if mask.any():
-            rows = parts.get("clean", index)
-            candidates.append(rows.with_row_index("_pos", offset=offset).filter(mask))
+        rows = parts.get("clean", index)
+        candidates = rows.with_row_index("_pos", offset=offset).filter(mask) if mask.any() else rows.head(0).with_row_index("_pos")
+        parts.put("candidates", candidates)
+        keys.append(candidates.select("_pos", "identity", SOURCE_ROW))
         offset += h.len()
-    rows = parts.get("clean", 0).head(0).with_row_index("_pos")
-    candidates = pl.concat(candidates, how="vertical") if candidates else rows
     fields = [c for c in candidates.columns if c not in (SOURCE_ROW, "identity", "_pos")]
+    key_frame = pl.concat(keys, how="vertical") if len(keys) > 1 else keys[0]
+    del keys
     groups = (
-        candidates.group_by("identity", maintain_order=True)
-        .agg(*[pl.col(c).drop_nulls().first() for c in fields], pl.col("_pos"), pl.col(SOURCE_ROW).alias("_rows"))
+        key_frame.group_by("identity", maintain_order=True)
+        .agg(pl.col("_pos"), pl.col(SOURCE_ROW).alias("_rows"))
         .filter(pl.col("_rows").list.len() > 1)
+    )
+    del key_frame
+    # Each candidate row's group (groups are numbered in order of first appearance, like the rows).
+    group_of = (
+        groups.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_g"), "_pos").explode("_pos")
+    )
+    firsts = {}
+    for name in fields:
+        column = parts.column("candidates", ["_pos", name]).join(group_of, on="_pos", how="inner", maintain_order="left")
+        firsts[name] = (
+            column.group_by("_g", maintain_order=True).agg(pl.col(name).drop_nulls().first()).get_column(name)
+        )
+    parts.drop("candidates")
+    groups = groups.with_columns(**firsts) if groups.height else groups.with_columns(
+        pl.lit(None, dtype=candidates.schema[name]).alias(name) for name in fields
     )
     duplicates = (
         groups.select(pl.col("_rows").list.first().alias("merged_into"), "email", "_rows")
@@ -588,12 +619,20 @@ def _merge_batch(rows: pl.DataFrame, groups: pl.DataFrame, offset: int) -> pl.Da
     dropped = dropped.filter((dropped >= offset) & (dropped < end))
     if not in_batch.any() and dropped.len() == 0:
         return rows
-    fields = [c for c in groups.columns if c != "_pos"]
     here = groups.filter(in_batch)
-    group_of = pl.repeat(None, rows.height, dtype=pl.UInt32, eager=True).alias("_group")
-    group_of = group_of.scatter(survivors.filter(in_batch) - offset, pl.Series(range(here.height), dtype=pl.UInt32))
+    survivor_rows = survivors.filter(in_batch) - offset
     keep = pl.repeat(True, rows.height, eager=True).scatter(dropped - offset, False)
-    filled = [pl.coalesce(pl.col(c), pl.lit(here.get_column(c)).gather(pl.col("_group"))).alias(c) for c in fields]
+    # Fill only the fields where some survivor is empty and its group has a value (usually few or none).
+    gaps = [
+        c
+        for c in here.columns
+        if c != "_pos" and (rows.get_column(c).gather(survivor_rows).is_null() & here.get_column(c).is_not_null()).any()
+    ]
+    if not gaps:
+        return rows.filter(keep)
+    group_of = pl.repeat(None, rows.height, dtype=pl.UInt32, eager=True).alias("_group")
+    group_of = group_of.scatter(survivor_rows, pl.Series(range(here.height), dtype=pl.UInt32))
+    filled = [pl.coalesce(pl.col(c), pl.lit(here.get_column(c)).gather(pl.col("_group"))).alias(c) for c in gaps]
     return rows.with_columns(group_of).filter(keep).with_columns(filled).drop("_group")
 
 
@@ -613,13 +652,28 @@ def json_string(expr: pl.Expr) -> pl.Expr:
     return pl.lit('"') + escaped + pl.lit('"')
 
 
-def _json_member(name: str, key: str | None = None) -> pl.Expr:
-    """``"key":<json value>`` for a non-null String or List(String) column, else null."""
+def _json_member(name: str, key: str | None = None, *, escape: bool = True) -> pl.Expr:
+    """``"key":<json value>`` for a non-null String or List(String) column, else null.
+
+    ``escape=False`` when the column holds no character JSON escapes (see :func:`_needs_escape`): the value is
+    then only quoted, which gives the same text without an escaping pass over every value.
+    """
     prefix = pl.lit(f'"{key or name}":')
+    quote = json_string if escape else (lambda e: pl.lit('"') + e + pl.lit('"'))
     if name == "label_names":
-        items = pl.col(name).list.eval(json_string(pl.element())).list.join(",")
+        items = pl.col(name).list.eval(quote(pl.element())).list.join(",")
         return prefix + pl.lit("[") + items + pl.lit("]")
-    return prefix + json_string(pl.col(name))
+    return prefix + quote(pl.col(name))
+
+
+_JSON_SPECIAL = r'[\\"\x00-\x1f]'
+"""A character :func:`json_string` escapes (backslash, quote, control characters)."""
+
+
+def _needs_escape(column: pl.Series) -> bool:
+    """True when some value of a String or List(String) column holds a character JSON must escape."""
+    values = column.explode() if isinstance(column.dtype, pl.List) else column
+    return bool(values.str.contains(_JSON_SPECIAL).any())
 
 
 def _json_object(members: list[pl.Expr]) -> pl.Expr:
@@ -631,10 +685,12 @@ def _json_object(members: list[pl.Expr]) -> pl.Expr:
 def _with_payload(contacts: pl.DataFrame) -> pl.DataFrame:
     customs = [c for c in contacts.columns if c.startswith(CUSTOM_PREFIX)]
     present = {c for c in contacts.columns if contacts.get_column(c).null_count() < contacts.height}
-    members = [_json_member(f) for f in MAPPABLE_FIELDS if f in present]  # all-null columns add nothing
+    # All-null columns add nothing; most columns hold nothing to escape, and checking costs less than escaping.
+    escape = {c: _needs_escape(contacts.get_column(c)) for c in present if c in MAPPABLE_FIELDS or c in customs}
+    members = [_json_member(f, escape=escape[f]) for f in MAPPABLE_FIELDS if f in present]
     customs = [c for c in customs if c in present]
     if customs:
-        custom_object = _json_object([_json_member(c, c[len(CUSTOM_PREFIX):]) for c in customs])
+        custom_object = _json_object([_json_member(c, c[len(CUSTOM_PREFIX):], escape=escape[c]) for c in customs])
         members.append(pl.when(custom_object.is_not_null()).then(pl.lit('"typed_custom_fields":') + custom_object))
     if members:
         payload = pl.lit("{") + pl.concat_str(members, separator=",", ignore_nulls=True) + pl.lit("}")

@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from apollo_sync.mapping import Mapping
 from apollo_sync.transform import DONE_MARKER, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,3 +90,23 @@ def test_batches_are_batch_rows_long() -> None:
     assert [b.height for b in _batches(df, lf, 300)] == [300, 300, 300, 100]
     assert [b.height for b in _batches(df, lf, 5000)] == [1000]
     assert pl.concat(list(_batches(df.lazy(), lf, 300)))["source_row"].to_list() == list(range(1, 1001))
+
+
+def test_payload_escapes_only_where_needed_and_reads_back_exactly() -> None:
+    titles = ["CEO", 'Head of "R&D"', "back\\slash", "tab\u0001ctl", "Plain"]
+    df = pl.DataFrame(
+        {
+            "Email": [f"p{i}@x.com" for i in range(5)],
+            "Title": titles,
+            "Tags": ["a;b", 'say "hi"', None, "x\\y", "z"],
+            "Score": ["1", "2", 'q"3', "4", "5"],
+        }
+    )
+    mapping = Mapping(columns={"Score": "custom.abc"})
+    whole = prepare(df, mapping=mapping)
+    batched = prepare(df, mapping=mapping, batch_rows=2)  # batches [0,1] [2,3] [4]: only some need escaping
+    assert_frame_equal(batched.contacts, whole.contacts)
+    decoded = [json.loads(p) for p in whole.contacts.get_column("payload").to_list()]
+    assert [d["title"] for d in decoded] == titles
+    assert [d.get("label_names") for d in decoded] == [["a", "b"], ['say "hi"'], None, ["x\\y"], ["z"]]
+    assert [d["typed_custom_fields"]["abc"] for d in decoded] == ["1", "2", 'q"3', "4", "5"]
