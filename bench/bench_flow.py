@@ -272,7 +272,9 @@ def plot(scaling: dict, path: Path) -> Path:
     ax.plot(sizes, [p["flow_s"] for p in points], "o-", label="sync_contacts flow (Prefect, ledger on)")
     ax.plot(sizes, [p["plain_s"] for p in points], "s--", label="plain asyncio+httpx loop (reference)")
     for p in points:
-        ax.annotate(f"{p['flow_s']:.1f} s", (p["contacts"], p["flow_s"]), textcoords="offset points", xytext=(-10, 8))
+        ax.annotate(f"{p['flow_s']:.1f} s", (p["contacts"], p["flow_s"]), textcoords="offset points", xytext=(0, 8),
+                    ha="center")
+    ax.margins(x=0.12, y=0.2)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("contacts")
