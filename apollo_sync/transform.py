@@ -587,12 +587,14 @@ def _duplicate_groups(parts: _Parts, hashes: list[pl.Series]) -> tuple[pl.DataFr
     group_of = (
         groups.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_g"), "_pos").explode("_pos")
     )
-    firsts = {}
-    for name in fields:
-        column = parts.column("candidates", ["_pos", name]).join(group_of, on="_pos", how="inner", maintain_order="left")
-        firsts[name] = (
-            column.group_by("_g", maintain_order=True).agg(pl.col(name).drop_nulls().first()).get_column(name)
-        )
+    group = parts.column("candidates", ["_pos"]).join(group_of, on="_pos", how="left", maintain_order="left")
+    group = group.get_column("_g")  # null for a hash collision that is no duplicate
+    firsts: dict[str, pl.Series] = {}
+    # In memory every field at once; from Parquet parts one column at a time, to bound memory.
+    for names in [fields] if parts.dir is None else [[name] for name in fields]:
+        columns = parts.column("candidates", names).with_columns(group).filter(group.is_not_null())
+        agg = columns.group_by("_g", maintain_order=True).agg(pl.col(name).drop_nulls().first() for name in names)
+        firsts.update({name: agg.get_column(name) for name in names})
     parts.drop("candidates")
     groups = groups.with_columns(**firsts) if groups.height else groups.with_columns(
         pl.lit(None, dtype=candidates.schema[name]).alias(name) for name in fields
@@ -659,12 +661,14 @@ def _json_member(name: str, key: str | None = None, *, escape: bool = True) -> p
     ``escape=False`` when the column holds no character JSON escapes (see :func:`_needs_escape`): the value is
     then only quoted, which gives the same text without an escaping pass over every value.
     """
-    prefix = pl.lit(f'"{key or name}":')
-    quote = json_string if escape else (lambda e: pl.lit('"') + e + pl.lit('"'))
+    key = key or name
     if name == "label_names":
+        quote = json_string if escape else (lambda e: pl.concat_str([pl.lit('"'), e, pl.lit('"')]))
         items = pl.col(name).list.eval(quote(pl.element())).list.join(",")
-        return prefix + pl.lit("[") + items + pl.lit("]")
-    return prefix + quote(pl.col(name))
+        return pl.concat_str([pl.lit(f'"{key}":['), items, pl.lit("]")])
+    if escape:
+        return pl.concat_str([pl.lit(f'"{key}":'), json_string(pl.col(name))])
+    return pl.concat_str([pl.lit(f'"{key}":"'), pl.col(name), pl.lit('"')])  # one allocation; null stays null
 
 
 _JSON_SPECIAL = r'[\\"\x00-\x1f]'
