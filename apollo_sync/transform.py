@@ -16,6 +16,11 @@
 5. **Payload**: JSON text of the non-null Apollo fields per contact, and a stable fingerprint of it.
 
 Library calls happen once per distinct value and only for values the vectorised fast paths do not decide.
+
+Steps 1-3 run on batches of :data:`BATCH_ROWS` rows (a LazyFrame is read through the streaming engine); the
+dedupe then works across batches from a 64-bit hash per valid row, reading back only the rows whose hash
+repeats; step 5 runs per batch again. With ``out_dir`` every intermediate and result is a Parquet part on disk
+and the Prepared holds LazyFrames, which bounds memory on 10M-row sources (bench/bench_dry_run.py).
 :func:`escape_for_spreadsheet` makes a frame safe to open in a spreadsheet (formula injection).
 """
 

@@ -2,7 +2,7 @@
 
 ``uv run python bench/bench_transform.py --rows 1000000`` generates the export in a temp dir
 (bench/make_crm_export.py), then runs each phase in its own child process, so each peak RSS is that
-phase's alone (the child reports ``getrusage(RUSAGE_SELF).ru_maxrss``; time excludes interpreter start):
+phase's alone (the child reports its ``VmHWM`` from /proc/self/status; time excludes interpreter start):
 
 - ``reference``: ``pl.read_csv`` + email trimmed, lower-cased, filtered to non-empty with an @, unique;
 - ``prepare``:   ``pl.scan_csv`` (all String, as sources.read_source gives) + ``source_row`` + ``prepare()``.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -57,8 +56,10 @@ def _phase(name: str, csv: str) -> dict:
             "phones_dropped": prepared.phones_dropped,
         }
     seconds = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {"seconds": seconds, "peak_rss_bytes": rss, **result}
+    # VmHWM, not ru_maxrss: ru_maxrss survives fork+exec, so a child would report the parent's peak
+    # (the parent generated the export in Python: ~800 MB), as bench/bench_sources.py notes.
+    hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0].split()[1]
+    return {"seconds": seconds, "peak_rss_bytes": int(hwm) * 1024, **result}
 
 
 def _run_child(name: str, csv: Path) -> dict:
