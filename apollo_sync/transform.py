@@ -21,7 +21,7 @@ Steps 1-3 run on batches of :data:`BATCH_ROWS` rows (a LazyFrame is read through
 dedupe then works across batches from a 64-bit hash per valid row, reading back only the rows whose hash
 repeats; step 5 runs per batch again. With ``out_dir`` every intermediate and result is a Parquet part on disk
 and the Prepared holds LazyFrames, which bounds memory on 10M-row sources (bench/bench_dry_run.py).
-:func:`escape_for_spreadsheet` makes a frame safe to open in a spreadsheet (formula injection).
+:func:`apollo_sync.report.escape_for_spreadsheet` makes a frame safe to open in a spreadsheet (formula injection).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from apollo_sync.mapping import (
     plan_columns,
 )
 
-__all__ = ["Prepared", "prepare", "load_mapping", "escape_csv_cell", "escape_for_spreadsheet", "payload_fingerprint"]
+__all__ = ["Prepared", "prepare", "load_mapping", "payload_fingerprint"]
 
 SOURCE_ROW = settings.SOURCE_ROW
 _EMAIL_READ = "_email_read"
@@ -735,20 +735,3 @@ def payload_fingerprint(payload: pl.Expr) -> pl.Expr:
     return pl.concat_str(parts)
 
 
-# --- Spreadsheet safety --------------------------------------------------------------------
-
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-"""Cell starts that spreadsheets may run as a formula (OWASP CSV injection); such cells get a leading ``'``."""
-
-
-def escape_csv_cell(expr: pl.Expr) -> pl.Expr:
-    """A string expression with a ``'`` put before values that start like a formula."""
-    risky = expr.str.contains(r"^[=+\-@\t\r]")
-    return pl.when(risky).then(pl.lit("'") + expr).otherwise(expr)
-
-
-def escape_for_spreadsheet(df: pl.DataFrame) -> pl.DataFrame:
-    """The frame with every String column escaped by :func:`escape_csv_cell`; other columns unchanged."""
-    return df.with_columns(
-        escape_csv_cell(pl.col(name)).alias(name) for name, dtype in df.schema.items() if dtype == pl.String
-    )

@@ -327,3 +327,17 @@ def test_spill_files_are_private_and_discardable(tmp_path):
 
 def test_remote_json_is_refused_with_advice():
     assert "local files only" in bad("s3://bucket/contacts.json")
+
+
+@pytest.mark.parametrize("kind", ["parquet", "ndjson", "glob", "sqlite"])
+def test_every_format_gives_the_same_counts_after_cleaning(sources, kind):
+    """Issue 6's promise at the level a user sees: rows_read, rows_valid and duplicates_in_source agree."""
+    from apollo_sync.transform import prepare
+
+    def counts(spec, options=SourceOptions()):
+        prepared = prepare(read_source(spec, options).frame)
+        valid = prepared.rows_read - prepared.rejected.height
+        return prepared.rows_read, valid, prepared.duplicates.height
+
+    options = SourceOptions(query="contacts") if kind == "sqlite" else SourceOptions()
+    assert counts(sources[kind], options) == counts(sources["csv"]) == (6, 6, 1)

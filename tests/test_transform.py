@@ -14,7 +14,8 @@ from polars.testing import assert_frame_equal
 from apollo_sync import expressions as ex
 from apollo_sync.errors import InputError
 from apollo_sync.mapping import Mapping
-from apollo_sync.transform import escape_for_spreadsheet, payload_fingerprint, prepare
+from apollo_sync.report import escape_for_spreadsheet
+from apollo_sync.transform import payload_fingerprint, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 
