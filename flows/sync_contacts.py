@@ -126,7 +126,7 @@ async def sync_contacts(
 
     ledger = Ledger.open(state, state_url)
     try:
-        mark_key = _cursor_mark_key(source, query, cursor_column) if cursor_column else None
+        mark_key = _cursor_mark_key(target, source, query, cursor_column) if cursor_column else None
         options = SourceOptions(
             format=format, delimiter=delimiter, encoding=encoding, query=query, cursor_column=cursor_column,
             cursor_after=ledger.get_mark(mark_key) if mark_key else None,
@@ -171,6 +171,7 @@ async def sync_contacts(
                 "unmapped_columns": prepared.unmapped_columns,
                 "phones_dropped": prepared.phones_dropped,
                 "rate_limited": stats.get("http_429", 0),
+                "claimed_elsewhere": stats.get("claimed_elsewhere", 0),  # counted in duplicates_in_source too
                 "report_dir": str(Path(report_path).resolve()),
             },
         )
@@ -304,8 +305,9 @@ def _shared_rate_limit(name: str):
     return acquire
 
 
-def _cursor_mark_key(source: str, query: str | None, cursor_column: str) -> str:
+def _cursor_mark_key(target: str, source: str, query: str | None, cursor_column: str) -> str:
+    """The ledger key of a source's high-water mark, per Apollo target (a password never enters it)."""
     parts = urlsplit(source)
     netloc = parts.netloc.rsplit("@", 1)[-1]  # never key on a password
     bare = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-    return "cursor:" + hashlib.sha256(f"{bare}|{query}|{cursor_column}".encode()).hexdigest()[:32]
+    return "cursor:" + hashlib.sha256(f"{target}|{bare}|{query}|{cursor_column}".encode()).hexdigest()[:32]

@@ -137,3 +137,23 @@ def test_wrong_key_stops_the_run_and_reports_every_row(sandbox, tmp_path, monkey
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["failed"] == 250 and summary["created"] == 0
     assert "wrong-key-123456" not in str(summary)
+
+
+def test_incremental_sql_reads_only_rows_past_the_confirmed_mark(gateway, tmp_path):
+    import sqlite3
+
+    db = tmp_path / "crm.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE contacts (id INTEGER, email TEXT, first_name TEXT)")
+        conn.executemany("INSERT INTO contacts VALUES (?, ?, ?)", [(i, f"c{i}@x.io", f"C{i}") for i in range(1, 4)])
+    conn.close()
+    params = dict(source=f"sqlite:///{db}", query="contacts", cursor_column="id", base_url=gateway.gateway_base_url,
+                  state_dir=str(tmp_path / "state"), api_key_block=None)
+    first = run(**params, report_dir=str(tmp_path / "r1"))
+    with sqlite3.connect(db) as conn:
+        conn.executemany("INSERT INTO contacts VALUES (?, ?, ?)", [(i, f"c{i}@x.io", f"C{i}") for i in (4, 5)])
+    conn.close()
+    second = run(**params, report_dir=str(tmp_path / "r2"))
+    assert (first["rows_read"], first["created"]) == (3, 3)
+    assert (second["rows_read"], second["created"], second["unchanged"]) == (2, 2, 0)  # only rows past id 3
+    assert sorted(c["email"] for c in gateway.contacts()) == [f"c{i}@x.io" for i in range(1, 6)]
