@@ -62,12 +62,9 @@ def reconcile(
     taken = [False] * len(sent)
 
     by_email: dict[str, deque[int]] = defaultdict(deque)
-    by_name: dict[tuple[str, str, str], deque[int]] = defaultdict(deque)
     for i, row in enumerate(sent):
         if (key := email_key(row.email)) is not None:
             by_email[key].append(i)
-        if (nkey := name_key(row.first_name, row.last_name, row.organization_name)) is not None:
-            by_name[nkey].append(i)
 
     returned = [("created", c) for c in created] + [("existing", c) for c in existing]
     left_over: list[tuple[str, Mapping[str, Any]]] = []
@@ -88,6 +85,12 @@ def reconcile(
             continue
         outcomes[i], ids[i] = outcome, _id(contact)
     unmatched = 0
+    # The name index is built only when some contact did not match by email (rare: rows without an email).
+    by_name: dict[tuple[str, str, str], deque[int]] = defaultdict(deque)
+    if left_over:
+        for i, row in enumerate(sent):
+            if (nkey := name_key(row.first_name, row.last_name, row.organization_name)) is not None:
+                by_name[nkey].append(i)
     for outcome, contact in left_over:
         if email_key(contact.get("email")) in by_email:
             # A second contact for an email already matched: it is not another row's, whatever its name.
