@@ -24,8 +24,8 @@ CLAIM_LEASE_SECONDS = 300.0
 """A pending claim whose run sent no heartbeat for this long belongs to a dead run: another run may take it over."""
 HEARTBEAT_SECONDS = 30.0
 """How often a loading run renews its claims' lease (must be well under CLAIM_LEASE_SECONDS)."""
-CHUNKS_PER_LOAD_TASK = 50
-"""Chunks handled by one Prefect task run: keeps task runs bounded (1M contacts -> 200 task runs)."""
+CHUNKS_PER_LOAD_TASK = 100
+"""Chunks handled by one Prefect task run: keeps task runs bounded (1M contacts -> 100 task runs; fewer group boundaries, where in-flight requests drain, measured 0.77x -> 0.80-0.87x of a plain loop at 30k)."""
 
 # --- Environment ----------------------------------------------------------------------------
 ENV_API_KEY = "APOLLO_API_KEY"
