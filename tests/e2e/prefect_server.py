@@ -57,6 +57,21 @@ class PrefectServer:
 
         return PrefectClient(self.api_url)
 
+async def wait_final(server: PrefectServer, flow_run_id: str, timeout: float, poll: float = 0.5):
+    """The flow run once its state is final; fails the test if that takes longer than ``timeout`` seconds."""
+    import asyncio
+
+    async with server.client() as client:
+        deadline = time.monotonic() + timeout
+        while True:
+            run = await client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            state = run.state.name if run.state else None
+            assert time.monotonic() < deadline, f"flow run {flow_run_id} still {state} after {timeout}s"
+            await asyncio.sleep(poll)
+
+
 def prefect_cli(*args: str) -> list[str]:
     """The ``prefect`` command of this interpreter's environment."""
     return [sys.executable, "-m", "prefect", *args]

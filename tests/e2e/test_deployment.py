@@ -20,7 +20,7 @@ import pytest
 from apollo_sync import settings
 from apollo_sync.sandbox import SandboxConfig, SandboxServer
 
-from prefect_server import ROOT, PrefectServer, prefect_cli, stop_process
+from prefect_server import ROOT, PrefectServer, prefect_cli, stop_process, wait_final
 
 pytestmark = pytest.mark.e2e
 
@@ -44,17 +44,6 @@ def _write_export(path: Path) -> set[str]:
     lines += ["Bad,Email,not-an-email,Acme,", ",,,Acme,"]  # one invalid email, one row with no identity
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return {f"person{i}@example.com" for i in range(VALID)}
-
-
-async def _wait_final(server: PrefectServer, flow_run_id: str):
-    async with server.client() as client:
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while True:
-            run = await client.read_flow_run(flow_run_id)
-            if run.state is not None and run.state.is_final():
-                return run
-            assert time.monotonic() < deadline, f"flow run still {run.state.name if run.state else None} after {RUN_TIMEOUT}s"
-            await asyncio.sleep(0.5)
 
 
 async def _artifacts_and_logs(server: PrefectServer, flow_run_id: str):
@@ -152,7 +141,7 @@ def test_deploy_all_and_a_worker_run_lands_every_contact_with_the_key_from_the_s
                 env,
             )  # fmt: skip
             flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", started).group(1)
-            run = asyncio.run(_wait_final(prefect_server, flow_run_id))
+            run = asyncio.run(wait_final(prefect_server, flow_run_id, RUN_TIMEOUT))
         finally:
             stop_process(worker)
         worker_output = worker_log.read_text(errors="replace")
@@ -218,7 +207,7 @@ def test_serve_py_runs_a_flow_run_and_pauses_its_deployment_on_sigterm(prefect_s
                 "source": str(tmp_path / "export.csv"), "base_url": sandbox.gateway_base_url,
                 "state_dir": str(tmp_path / "state"), "report_dir": str(tmp_path / "report"), "api_key_block": None,
             }))  # fmt: skip
-            run = asyncio.run(_wait_final(prefect_server, flow_run_id))
+            run = asyncio.run(wait_final(prefect_server, flow_run_id, RUN_TIMEOUT))
         finally:
             code = stop_process(serve)
         output = log_path.read_text(errors="replace")

@@ -16,7 +16,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -27,7 +26,7 @@ from apollo_sync.report import summary_problems
 from apollo_sync.sandbox import SandboxConfig, SandboxProcess
 from services import PG_PASSWORD, postgres  # noqa: F401 - fixture
 
-from prefect_server import ROOT, PrefectServer, prefect_cli, stop_process
+from prefect_server import ROOT, PrefectServer, prefect_cli, stop_process, wait_final
 
 pytestmark = pytest.mark.e2e
 
@@ -61,17 +60,6 @@ async def _start(server: PrefectServer, parameters: dict) -> str:
         deployment = await client.read_deployment_by_name(PARENT)
         run = await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
         return str(run.id)
-
-
-async def _wait_final(server: PrefectServer, flow_run_id: str):
-    async with server.client() as client:
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while True:
-            run = await client.read_flow_run(flow_run_id)
-            if run.state is not None and run.state.is_final():
-                return run
-            assert time.monotonic() < deadline, f"parent still {run.state.name if run.state else None} after {RUN_TIMEOUT}s"
-            await asyncio.sleep(1)
 
 
 async def _children_and_artifacts(server: PrefectServer, parent_id: str):
@@ -122,7 +110,7 @@ def test_two_workers_four_overlapping_partitions_one_rate_budget_every_contact_o
                 "state_url": state_url, "state_dir": str(tmp_path / "state"), "report_dir": str(report_dir),
                 "chunk_size": 10, "concurrency": 4, "max_in_flight": 3, "poll_seconds": 1.0,
             }))  # fmt: skip
-            parent = asyncio.run(_wait_final(prefect_server, parent_id))
+            parent = asyncio.run(wait_final(prefect_server, parent_id, RUN_TIMEOUT, poll=1))
         finally:
             codes = [stop_process(worker) for worker in workers]
         assert -signal.SIGKILL not in codes, f"a worker ignored SIGTERM: {codes}"
