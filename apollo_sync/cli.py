@@ -107,6 +107,8 @@ def run(
     preflight(params)
     if api_key:
         os.environ[settings.ENV_API_KEY] = api_key  # read by the flow at run time; never a flow parameter
+    if not dry_run:
+        check_api_key(params["api_key_block"])
     summary = run_flow(params)
     print_summary(summary)
     raise typer.Exit(exit_code_for(summary))
@@ -180,6 +182,18 @@ def preflight(params: dict) -> None:
     source = read_source(params["source"], options)
     mapping = transform.load_mapping(params["mapping"]) if params["mapping"] else None
     transform.prepare(source.frame.head(0), mapping=mapping, phone_region=params["phone_region"])
+
+
+def check_api_key(block_name: str | None) -> None:
+    """Fail with one line (ConfigError, exit 2) before the flow starts when no key can be found.
+
+    Inside the flow the same error would be logged by Prefect with a traceback.
+    """
+    if os.environ.get(settings.ENV_API_KEY):
+        return
+    from tasks.credentials import resolve_api_key
+
+    asyncio.run(resolve_api_key(block_name))
 
 
 def run_flow(params: dict) -> dict:

@@ -67,3 +67,16 @@ def test_run_syncs_a_file_and_exits_0(sandbox, tmp_path):
     assert sorted(c["email"] for c in sandbox.contacts()) == ["a@x.io", "b@x.io"]
     assert (tmp_path / "r" / "summary.json").exists()
     assert sandbox.config.api_key not in result.stdout + result.stderr
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_missing_key_is_one_line_exit_2_before_the_flow_starts(sandbox, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    source = tmp_path / "contacts.csv"
+    source.write_text("email,first name\na@x.io,A\n")
+    result = cli("run", str(source), "--base-url", sandbox.gateway_base_url, "--api-key-block", "no-such-block",
+                 "--state-dir", str(tmp_path / "s"), env_extra={"PREFECT_API_URL": PREFECT_API_URL.value()})
+    assert_one_clear_line(result)
+    assert "APOLLO_API_KEY" in result.stderr
+    assert sandbox.stats()["requests"] == 0
