@@ -32,5 +32,19 @@ class ApolloAPIError(ApolloSyncError):
         super().__init__(f"Apollo answered {status}: {message}{rid}")
 
 
-class AuthError(ApolloAPIError):
+class RunStopped(ApolloAPIError):
+    """The run must stop: sending more would only fail the same way. Nothing more is sent."""
+
+
+class AuthError(RunStopped):
     """401 or 403: the key is wrong or lacks the scope. The run stops at once."""
+
+
+class Unreachable(RunStopped):
+    """The API never answered (connections refused or failing) through a whole chunk's retries."""
+
+    def __init__(self, message: str):
+        self.status = 0
+        self.message = message
+        self.request_id = None
+        Exception.__init__(self, f"cannot reach the API: {message}; check --base-url and the network")

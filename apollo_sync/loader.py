@@ -17,7 +17,9 @@ millisecond for 100 rows, and a thread hop measured slower (GIL hand-offs) than 
   first. A
   ``Retry-After`` on a 5xx is honoured too.
 * 401/403: raise ``AuthError`` at once; no further request is sent by this session. The exception carries
-  ``result`` (a :class:`GroupResult` with an outcome for every row of the call).
+  ``result`` (a :class:`GroupResult` with an outcome for every row of the call). An API that has not answered
+  once by the time a chunk exhausts its retries (connections refused, a wrong host) stops the session the same
+  way with ``Unreachable``, instead of spending as long on every chunk.
 * 400/413/422: split the chunk in halves until the offending contacts are isolated; they are ``failed`` with the
   API's message and the rest land.
 * Rows another live run holds (another partition of the same source) are not sent: their outcome is
@@ -41,7 +43,7 @@ import polars as pl
 
 from apollo_sync import settings
 from apollo_sync.client import ApolloClient, RateLimited, TransportFailure
-from apollo_sync.errors import ApolloAPIError, AuthError, InputError
+from apollo_sync.errors import ApolloAPIError, AuthError, InputError, RunStopped, Unreachable
 from apollo_sync.ledger import Ledger
 from apollo_sync.pacing import Pacer
 from apollo_sync.reconcile import SentRow, reconcile
@@ -231,7 +233,8 @@ class LoadSession:
         self.stats = LoadStats()
         self._random = random.Random(seed)
         self._next_chunk = 0
-        self._auth_error: AuthError | None = None
+        self._auth_error: RunStopped | None = None  # a 401/403, or an API that never answered
+        self._answers = 0  # HTTP answers of any status: the API is reachable once this is above 0
 
     # --- chunks ------------------------------------------------------------------------------------------------------
 
@@ -268,7 +271,8 @@ class LoadSession:
     async def load(self, chunks: Sequence[Chunk]) -> GroupResult:
         """Send ``chunks`` with at most ``concurrency`` requests in flight; an outcome for every row.
 
-        Raises ``AuthError`` (with ``.result``) on 401/403, at once or on any later call.
+        Raises ``AuthError`` (with ``.result``) on 401/403, at once or on any later call, and ``Unreachable`` (also
+        a ``RunStopped``) when the API gave no answer at all through a chunk's retries.
         """
         call = _Call()
         results: list[pl.DataFrame | None] = [None] * len(chunks)
@@ -373,6 +377,9 @@ class LoadSession:
             if self._auth_error is not None:
                 return _give_up(rows, unknown, f"not sent: {self._auth_error.message}")
             if attempts >= self.max_attempts or rate_limited >= MAX_RATE_LIMITED:
+                if self._answers == 0 and self._auth_error is None:
+                    # Not one answer in a whole chunk's retries: stop rather than spend as long on every chunk.
+                    self._auth_error = Unreachable(reason)
                 return _give_up(rows, unknown, f"gave up after {attempts + rate_limited} attempts: {reason}")
             if self.before_request is not None:
                 await self.before_request()
@@ -387,16 +394,20 @@ class LoadSession:
                 self._count(call, "dedupe_forced")
             try:
                 answer = await self.client.bulk_create(rows.payload, labels=self.labels, run_dedupe=send_dedupe)
+                self._answers += 1
             except RateLimited as exc:
+                self._answers += 1
                 rate_limited += 1
                 self._count(call, "http_429")
                 self.pacer.on_429(exc.retry_after, exc.rate)
                 reason = f"429: {exc.message}"
                 continue
             except AuthError as exc:
+                self._answers += 1
                 self._auth_error = exc
                 return _give_up(rows, unknown, f"not sent: {exc.status} {exc.message}")
             except ApolloAPIError as exc:
+                self._answers += 1
                 attempts += 1
                 rate = getattr(exc, "rate", None)
                 if rate is not None:

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from apollo_sync import settings
 from apollo_sync.client import ApolloClient
-from apollo_sync.errors import ApolloSyncError, AuthError
+from apollo_sync.errors import ApolloSyncError, RunStopped
 from apollo_sync.ledger import Ledger, target_for
 from apollo_sync.loader import LoadSession
 from apollo_sync.pacing import Pacer
@@ -146,7 +146,7 @@ async def sync_contacts(
         to_send, unchanged = ledger.plan(target, prepared.contacts, full_refresh=full_refresh)
         outcomes = [_as_outcomes(unchanged, "unchanged")]
         stats: dict = {}
-        aborted: AuthError | None = None
+        aborted: RunStopped | None = None
         if dry_run:
             outcomes.append(_as_outcomes(to_send, "would_send"))
         elif (to_send := _collected(to_send)).height:
@@ -206,7 +206,7 @@ async def sync_contacts(
 async def _load(to_send: pl.DataFrame, *, ledger: Ledger, target: str, run_id: str, base_url: str, auth: str,
                 api_key_block: str | None, timeout: float, concurrency: int, chunk_size: int, labels: list[str],
                 run_dedupe: bool, max_rpm: int | None, rate_limit_name: str | None):
-    """Load ``to_send`` in groups of chunks; returns (outcomes, stats, the AuthError that stopped it or None)."""
+    """Load ``to_send`` in groups of chunks; returns (outcomes, stats, the RunStopped that stopped it or None)."""
     log = get_run_logger()
     api_key = await resolve_api_key(api_key_block)
     before_request = _shared_rate_limit(rate_limit_name) if rate_limit_name else None
@@ -240,7 +240,7 @@ async def _load(to_send: pl.DataFrame, *, ledger: Ledger, target: str, run_id: s
         for group_no, group in enumerate(groups):
             try:
                 result = await send_chunks(session, group, group_no)
-            except AuthError as exc:
+            except RunStopped as exc:
                 aborted = exc
                 parts.append(exc.result.outcomes)  # the stopped group still has an outcome for each of its rows
                 log.error("Stopped: %s", exc)

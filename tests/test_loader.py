@@ -12,7 +12,7 @@ import pytest
 from loader_helpers import make_contacts, plan_and_load, stored_emails
 
 from apollo_sync.client import ApolloClient
-from apollo_sync.errors import AuthError, InputError
+from apollo_sync.errors import AuthError, InputError, Unreachable
 from apollo_sync.ledger import Ledger, target_for
 from apollo_sync.loader import OUTCOMES_SCHEMA, LoadSession
 from apollo_sync.pacing import Pacer
@@ -137,9 +137,15 @@ def test_refused_connection_fails_rows_as_not_landed(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result, session, _ = run(plan_and_load(f"http://127.0.0.1:{port}/apis/v1/apollo", make_contacts(5), tmp_path, max_attempts=2, **FAST))
-    assert set(result.outcomes["outcome"]) == {"failed"} and session.stats.dropped == 2
-    assert result.outcomes["reason"].str.contains("gave up after 2 attempts").all()
+    url = f"http://127.0.0.1:{port}/apis/v1/apollo"
+    with pytest.raises(Unreachable) as info:
+        run(plan_and_load(url, make_contacts(30), tmp_path, max_attempts=2, chunk_size=10, concurrency=1, **FAST))
+    outcomes = info.value.result.outcomes.sort("source_row")
+    assert outcomes["source_row"].to_list() == list(range(1, 31)) and set(outcomes["outcome"]) == {"failed"}
+    # The first chunk used its two attempts; then the session stopped instead of trying the next chunks.
+    assert outcomes.head(10)["reason"].str.contains("gave up after 2 attempts").all()
+    assert outcomes.tail(20)["reason"].str.contains("not sent").all()
+    assert "cannot reach the API" in str(info.value)
 
 
 def test_429_waits_and_retries_within_the_budget(sandbox_factory, tmp_path):
