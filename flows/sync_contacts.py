@@ -21,9 +21,9 @@ from urllib.parse import urlsplit, urlunsplit
 import polars as pl
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from pydantic import Field
 
 from apollo_sync import settings
+from flows.params import form
 from apollo_sync.client import ApolloClient
 from apollo_sync.errors import ApolloSyncError, RunStopped
 from apollo_sync.ledger import Ledger, target_for
@@ -42,11 +42,6 @@ class LoadAborted(ApolloSyncError):
     """The run stopped before every row was sent (for example on a 401); the report says which rows."""
 
 
-def _form(title: str, **constraints):
-    """A parameter's title and constraints for the Prefect UI form (Prefect keeps titles only from json_schema_extra)."""
-    return Field(json_schema_extra={"title": title}, **constraints)
-
-
 def _run_name() -> str:
     params = flow_run.get_parameters()
     source = str(params.get("source", "contacts"))
@@ -58,33 +53,33 @@ def _run_name() -> str:
 
 @flow(name="sync-contacts", flow_run_name=_run_name, persist_result=True, validate_parameters=True)
 async def sync_contacts(
-    source: Annotated[str, _form("Source", min_length=1)],
-    base_url: Annotated[str, _form("Apollo base URL")] = settings.GATEWAY_BASE_URL,
-    labels: Annotated[list[str], _form("Labels")] = [],  # noqa: B006 - Prefect copies parameters
-    run_dedupe: Annotated[bool, _form("Server-side dedupe")] = True,
-    chunk_size: Annotated[int, _form("Contacts per request", ge=1, le=settings.MAX_CONTACTS_PER_REQUEST)] = (
+    source: Annotated[str, form("Source", min_length=1)],
+    base_url: Annotated[str, form("Apollo base URL")] = settings.GATEWAY_BASE_URL,
+    labels: Annotated[list[str], form("Labels")] = [],  # noqa: B006 - Prefect copies parameters
+    run_dedupe: Annotated[bool, form("Server-side dedupe")] = True,
+    chunk_size: Annotated[int, form("Contacts per request", ge=1, le=settings.MAX_CONTACTS_PER_REQUEST)] = (
         settings.DEFAULT_CHUNK_SIZE
     ),
-    concurrency: Annotated[int, _form("Requests in flight", ge=1, le=32)] = settings.DEFAULT_CONCURRENCY,
-    timeout: Annotated[float, _form("Request timeout (seconds)", gt=0, le=600)] = settings.DEFAULT_TIMEOUT_SECONDS,
-    dry_run: Annotated[bool, _form("Dry run")] = False,
-    report_dir: Annotated[str | None, _form("Report directory")] = None,
-    state_dir: Annotated[str, _form("State directory")] = settings.DEFAULT_STATE_DIR,
-    state_url: Annotated[str | None, _form("Shared ledger (postgresql:// URL)")] = None,
-    mapping: Annotated[str | None, _form("Mapping file (TOML)")] = None,
-    auth: Annotated[Literal["auto", "bearer", "x-api-key"], _form("Auth header")] = "auto",
-    api_key_block: Annotated[str | None, _form("Secret block with the API key")] = settings.DEFAULT_SECRET_BLOCK,
-    full_refresh: Annotated[bool, _form("Full refresh")] = False,
-    max_rpm: Annotated[int | None, _form("Max requests per minute", ge=1)] = None,
-    rate_limit_name: Annotated[str | None, _form("Shared rate limit (Prefect)")] = None,
-    phone_region: Annotated[str, _form("Default phone region", min_length=2, max_length=2)] = (
+    concurrency: Annotated[int, form("Requests in flight", ge=1, le=32)] = settings.DEFAULT_CONCURRENCY,
+    timeout: Annotated[float, form("Request timeout (seconds)", gt=0, le=600)] = settings.DEFAULT_TIMEOUT_SECONDS,
+    dry_run: Annotated[bool, form("Dry run")] = False,
+    report_dir: Annotated[str | None, form("Report directory")] = None,
+    state_dir: Annotated[str, form("State directory")] = settings.DEFAULT_STATE_DIR,
+    state_url: Annotated[str | None, form("Shared ledger (postgresql:// URL)")] = None,
+    mapping: Annotated[str | None, form("Mapping file (TOML)")] = None,
+    auth: Annotated[Literal["auto", "bearer", "x-api-key"], form("Auth header")] = "auto",
+    api_key_block: Annotated[str | None, form("Secret block with the API key")] = settings.DEFAULT_SECRET_BLOCK,
+    full_refresh: Annotated[bool, form("Full refresh")] = False,
+    max_rpm: Annotated[int | None, form("Max requests per minute", ge=1)] = None,
+    rate_limit_name: Annotated[str | None, form("Shared rate limit (Prefect)")] = None,
+    phone_region: Annotated[str, form("Default phone region", min_length=2, max_length=2)] = (
         settings.DEFAULT_PHONE_REGION
     ),
-    format: Annotated[Literal["csv", "tsv", "parquet", "json", "ndjson", "xlsx"] | None, _form("Source format")] = None,
-    delimiter: Annotated[str | None, _form("CSV delimiter", min_length=1, max_length=1)] = None,
-    encoding: Annotated[str, _form("Source encoding")] = "utf-8",
-    query: Annotated[str | None, _form("SQL query or table")] = None,
-    cursor_column: Annotated[str | None, _form("Incremental cursor column")] = None,
+    format: Annotated[Literal["csv", "tsv", "parquet", "json", "ndjson", "xlsx"] | None, form("Source format")] = None,
+    delimiter: Annotated[str | None, form("CSV delimiter", min_length=1, max_length=1)] = None,
+    encoding: Annotated[str, form("Source encoding")] = "utf-8",
+    query: Annotated[str | None, form("SQL query or table")] = None,
+    cursor_column: Annotated[str | None, form("Incremental cursor column")] = None,
 ) -> dict:
     """Sync contacts from a source into Apollo and report what happened to every row.
 

@@ -26,9 +26,9 @@ from typing import Annotated, Literal
 from prefect import flow, get_run_logger
 from prefect.deployments import arun_deployment
 from prefect.runtime import flow_run
-from pydantic import Field
 
 from apollo_sync import settings
+from flows.params import form
 from apollo_sync.errors import ApolloSyncError
 from apollo_sync.partitions import Partition, merge_summaries, write_summary
 from apollo_sync.report import summary_problems
@@ -42,10 +42,6 @@ class PartitionsFailed(ApolloSyncError):
     """Some child runs did not complete; the merged summary lists them."""
 
 
-def _form(title: str, **constraints):
-    return Field(json_schema_extra={"title": title}, **constraints)
-
-
 def _run_name() -> str:
     source = str(flow_run.get_parameters().get("source", "contacts"))
     return "sync partitions of " + (source.rstrip("/").rsplit("/", 1)[-1] or source)[:60]
@@ -53,37 +49,37 @@ def _run_name() -> str:
 
 @flow(name="sync-partitions", flow_run_name=_run_name, persist_result=True, validate_parameters=True)
 async def sync_partitions(
-    source: Annotated[str, _form("Source (glob, SQL URL or one big file)", min_length=1)],
-    partitions: Annotated[int | None, _form("Partitions (SQL key ranges or file row ranges)", ge=1, le=1000)] = None,
-    partition_column: Annotated[str | None, _form("Partition column (SQL)")] = None,
-    query: Annotated[str | None, _form("SQL query or table")] = None,
-    deployment: Annotated[str, _form("Child deployment")] = CHILD_DEPLOYMENT,
-    max_in_flight: Annotated[int, _form("Child runs at once", ge=1, le=100)] = 2,
-    split_dir: Annotated[str | None, _form("Directory for row-range parts")] = None,
-    base_url: Annotated[str, _form("Apollo base URL")] = settings.GATEWAY_BASE_URL,
-    labels: Annotated[list[str], _form("Labels")] = [],  # noqa: B006 - Prefect copies parameters
-    run_dedupe: Annotated[bool, _form("Server-side dedupe")] = True,
-    chunk_size: Annotated[int, _form("Contacts per request", ge=1, le=settings.MAX_CONTACTS_PER_REQUEST)] = (
+    source: Annotated[str, form("Source (glob, SQL URL or one big file)", min_length=1)],
+    partitions: Annotated[int | None, form("Partitions (SQL key ranges or file row ranges)", ge=1, le=1000)] = None,
+    partition_column: Annotated[str | None, form("Partition column (SQL)")] = None,
+    query: Annotated[str | None, form("SQL query or table")] = None,
+    deployment: Annotated[str, form("Child deployment")] = CHILD_DEPLOYMENT,
+    max_in_flight: Annotated[int, form("Child runs at once", ge=1, le=100)] = 2,
+    split_dir: Annotated[str | None, form("Directory for row-range parts")] = None,
+    base_url: Annotated[str, form("Apollo base URL")] = settings.GATEWAY_BASE_URL,
+    labels: Annotated[list[str], form("Labels")] = [],  # noqa: B006 - Prefect copies parameters
+    run_dedupe: Annotated[bool, form("Server-side dedupe")] = True,
+    chunk_size: Annotated[int, form("Contacts per request", ge=1, le=settings.MAX_CONTACTS_PER_REQUEST)] = (
         settings.DEFAULT_CHUNK_SIZE
     ),
-    concurrency: Annotated[int, _form("Requests in flight per child", ge=1, le=32)] = settings.DEFAULT_CONCURRENCY,
-    timeout: Annotated[float, _form("Request timeout (seconds)", gt=0, le=600)] = settings.DEFAULT_TIMEOUT_SECONDS,
-    report_dir: Annotated[str | None, _form("Report directory")] = None,
-    state_dir: Annotated[str, _form("State directory")] = settings.DEFAULT_STATE_DIR,
-    state_url: Annotated[str | None, _form("Shared ledger (postgresql:// URL)")] = None,
-    rate_limit_name: Annotated[str | None, _form("Shared rate limit (Prefect)")] = None,
-    mapping: Annotated[str | None, _form("Mapping file (TOML)")] = None,
-    auth: Annotated[Literal["auto", "bearer", "x-api-key"], _form("Auth header")] = "auto",
-    api_key_block: Annotated[str | None, _form("Secret block with the API key")] = settings.DEFAULT_SECRET_BLOCK,
-    full_refresh: Annotated[bool, _form("Full refresh")] = False,
-    max_rpm: Annotated[int | None, _form("Max requests per minute per child", ge=1)] = None,
-    phone_region: Annotated[str, _form("Default phone region", min_length=2, max_length=2)] = (
+    concurrency: Annotated[int, form("Requests in flight per child", ge=1, le=32)] = settings.DEFAULT_CONCURRENCY,
+    timeout: Annotated[float, form("Request timeout (seconds)", gt=0, le=600)] = settings.DEFAULT_TIMEOUT_SECONDS,
+    report_dir: Annotated[str | None, form("Report directory")] = None,
+    state_dir: Annotated[str, form("State directory")] = settings.DEFAULT_STATE_DIR,
+    state_url: Annotated[str | None, form("Shared ledger (postgresql:// URL)")] = None,
+    rate_limit_name: Annotated[str | None, form("Shared rate limit (Prefect)")] = None,
+    mapping: Annotated[str | None, form("Mapping file (TOML)")] = None,
+    auth: Annotated[Literal["auto", "bearer", "x-api-key"], form("Auth header")] = "auto",
+    api_key_block: Annotated[str | None, form("Secret block with the API key")] = settings.DEFAULT_SECRET_BLOCK,
+    full_refresh: Annotated[bool, form("Full refresh")] = False,
+    max_rpm: Annotated[int | None, form("Max requests per minute per child", ge=1)] = None,
+    phone_region: Annotated[str, form("Default phone region", min_length=2, max_length=2)] = (
         settings.DEFAULT_PHONE_REGION
     ),
-    format: Annotated[Literal["csv", "tsv", "parquet", "json", "ndjson", "xlsx"] | None, _form("Source format")] = None,
-    delimiter: Annotated[str | None, _form("CSV delimiter", min_length=1, max_length=1)] = None,
-    encoding: Annotated[str, _form("Source encoding")] = "utf-8",
-    poll_seconds: Annotated[float, _form("Seconds between child state checks", gt=0, le=60)] = 5.0,
+    format: Annotated[Literal["csv", "tsv", "parquet", "json", "ndjson", "xlsx"] | None, form("Source format")] = None,
+    delimiter: Annotated[str | None, form("CSV delimiter", min_length=1, max_length=1)] = None,
+    encoding: Annotated[str, form("Source encoding")] = "utf-8",
+    poll_seconds: Annotated[float, form("Seconds between child state checks", gt=0, le=60)] = 5.0,
 ) -> dict:
     """Split a large source into partitions, sync each as a child run on the work pool, merge the summaries.
 
