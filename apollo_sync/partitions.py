@@ -29,6 +29,7 @@ from pathlib import Path
 import polars as pl
 
 from apollo_sync import sources
+from apollo_sync.redact import redact_url
 from apollo_sync.errors import InputError
 from apollo_sync.report import SUMMARY_FILE
 from apollo_sync.settings import SOURCE_ROW
@@ -129,7 +130,7 @@ def _tile_bounds(url: str, base: str, column: str, n: int) -> list[object]:
         f"SELECT MAX(k) FROM (SELECT {key} AS k, NTILE({int(n)}) OVER (ORDER BY {key}) AS tile "
         f"FROM ({base}) AS apollo_sync_source WHERE {key} IS NOT NULL) AS tiles GROUP BY tile ORDER BY tile"
     )
-    shown = sources._redacted_url(url)
+    shown = redact_url(url)
     try:
         conn = sources._connect(url, kind)
     except adbc_driver_manager.Error as exc:

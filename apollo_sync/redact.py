@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from urllib.parse import urlsplit, urlunsplit
 
 MASK = "***"
 _MIN_SECRET_LENGTH = 4  # shorter values would mask ordinary words
@@ -50,3 +51,14 @@ def _redacting_factory(*args, **kwargs) -> logging.LogRecord:
         if cleaned != message:
             record.msg, record.args = cleaned, ()
     return record
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user info, query or fragment (where passwords and keys hide); plain paths unchanged."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc and "@" not in url:
+        return url.split("?", 1)[0].split("#", 1)[0]
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))

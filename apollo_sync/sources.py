@@ -49,6 +49,7 @@ from urllib.parse import unquote, urlsplit
 import polars as pl
 
 from apollo_sync.errors import InputError
+from apollo_sync.redact import redact_url
 from apollo_sync.settings import SOURCE_ROW
 
 FORMATS = ("csv", "tsv", "parquet", "json", "ndjson", "xlsx")
@@ -410,8 +411,8 @@ def _read_remote(spec: str, scheme: str, options: SourceOptions) -> Source:
     if _codec(options.encoding).name != "utf-8":
         raise InputError(f"--encoding {options.encoding} works only for local files: download {name} first")
     storage_options = _storage_options(scheme)
-    frame = _numbered(_scan(spec, fmt, "", options, spec if scheme == "s3" else _redacted_url(spec), storage_options))
-    shown = f"s3://{parts.netloc}{parts.path}" if scheme == "s3" else _redacted_url(spec)
+    frame = _numbered(_scan(spec, fmt, "", options, spec if scheme == "s3" else redact_url(spec), storage_options))
+    shown = f"s3://{parts.netloc}{parts.path}" if scheme == "s3" else redact_url(spec)
     fingerprint = _frame_fingerprint(frame, shown, options)
     return Source(frame, name, fingerprint, shown, None)
 
@@ -460,7 +461,7 @@ def _frame_fingerprint(frame: pl.LazyFrame, shown: str, options: SourceOptions) 
 
 
 def _read_sql(spec: str, scheme: str, options: SourceOptions) -> Source:
-    shown = _redacted_url(spec)
+    shown = redact_url(spec)
     query = (options.query or "").strip().rstrip(";").strip()
     if not query:
         raise InputError(f"{shown} needs --query: a SELECT statement or a table name")
@@ -609,15 +610,6 @@ def _quote_literal(value: str) -> str:
     if "\0" in value:
         raise InputError("the cursor value contains a NUL character: reset the mark in the state dir")
     return "'" + value.replace("'", "''") + "'"
-
-
-def _redacted_url(url: str) -> str:
-    """The URL without user info, query string or fragment: safe for messages and logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}"
 
 
 def _postgres_uri(spec: str) -> str:

@@ -16,7 +16,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import polars as pl
 from prefect import flow, get_run_logger
@@ -29,6 +29,7 @@ from apollo_sync.errors import ApolloSyncError, RunStopped
 from apollo_sync.ledger import Ledger, target_for
 from apollo_sync.loader import LoadSession
 from apollo_sync.pacing import Pacer
+from apollo_sync.redact import redact_url
 from apollo_sync.report import build_summary, results_frame, summary_problems, RESULTS_SCHEMA
 from apollo_sync.sources import SourceOptions
 from tasks.artifacts import add_progress, publish_run, start_progress
@@ -302,7 +303,5 @@ def _shared_rate_limit(name: str):
 
 def _cursor_mark_key(target: str, source: str, query: str | None, cursor_column: str) -> str:
     """The ledger key of a source's high-water mark, per Apollo target (a password never enters it)."""
-    parts = urlsplit(source)
-    netloc = parts.netloc.rsplit("@", 1)[-1]  # never key on a password
-    bare = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+    bare = redact_url(source)
     return "cursor:" + hashlib.sha256(f"{target}|{bare}|{query}|{cursor_column}".encode()).hexdigest()[:32]

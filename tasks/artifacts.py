@@ -39,6 +39,8 @@ from prefect.events import emit_event
 from prefect.logging import get_logger
 from prefect.runtime import flow_run
 
+from apollo_sync.redact import redact_url
+
 PROGRESS_KEY = "apollo-sync-progress"
 SUMMARY_KEY = "apollo-sync-summary"
 PROBLEMS_KEY = "apollo-sync-problems"
@@ -143,20 +145,9 @@ async def _show(handle: ProgressHandle) -> None:
 # --- Rendering (pure) -----------------------------------------------------------------------
 
 
-def redact_uri(uri: str) -> str:
-    """``uri`` without user info, query or fragment (where passwords and keys hide); plain paths unchanged."""
-    parts = urlsplit(uri)
-    if not parts.scheme or not parts.netloc and "@" not in uri:
-        return uri.split("?", 1)[0].split("#", 1)[0]
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
 def asset_key(uri: str) -> str:
     """A valid Prefect asset key for a source or target: redacted, ``file://`` for paths, no forbidden characters."""
-    clean = redact_uri(uri)
+    clean = redact_url(uri)
     if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", clean):
         clean = "file://" + os.path.abspath(os.path.expanduser(clean))
     scheme, rest = clean.split("://", 1)
@@ -166,7 +157,7 @@ def asset_key(uri: str) -> str:
 
 def contacts_asset_key(target_url: str) -> str:
     """Asset key of the contacts collection behind a base URL, e.g. ``https://host/api/v1/contacts``."""
-    return asset_key(redact_uri(target_url).rstrip("/") + "/contacts")
+    return asset_key(redact_url(target_url).rstrip("/") + "/contacts")
 
 
 def _count(summary: Mapping[str, Any], key: str) -> int:
@@ -208,8 +199,8 @@ def summary_markdown(summary: Mapping[str, Any], *, source_uri: str, target_url:
     lines = [
         "# apollo-sync run",
         "",
-        f"**Source:** `{redact_uri(source_uri)}`  ",
-        f"**Target:** `{redact_uri(target_url)}`",
+        f"**Source:** `{redact_url(source_uri)}`  ",
+        f"**Target:** `{redact_url(target_url)}`",
         "",
         "| outcome | contacts |",
         "|---|---:|",

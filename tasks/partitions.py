@@ -28,7 +28,8 @@ from prefect.logging import get_logger
 from apollo_sync.partitions import Partition, plan_partitions
 from apollo_sync.report import RESULTS_PARQUET
 from apollo_sync.sources import SourceOptions
-from tasks.artifacts import MAX_PROBLEM_ROWS, redact_uri, summary_markdown
+from apollo_sync.redact import redact_url
+from tasks.artifacts import MAX_PROBLEM_ROWS, summary_markdown
 
 PROGRESS_KEY = "apollo-sync-partitions-progress"
 SUMMARY_KEY = "apollo-sync-partitions-summary"
@@ -95,7 +96,7 @@ def partitions_markdown(merged: Mapping[str, Any], *, source_uri: str, target_ur
     for p in merged["partitions"]:
         counts = [p.get(k, "") for k in ("rows_read", "created", "existing", "unchanged", "failed", "unconfirmed",
                                          "duplicates_in_source")]  # fmt: skip
-        lines.append(f"| {p['partition']}: {redact_uri(str(p['label']))} | {p['state']} | " + " | ".join(map(str, counts)) + " |")
+        lines.append(f"| {p['partition']}: {redact_url(str(p['label']))} | {p['state']} | " + " | ".join(map(str, counts)) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,8 @@ import json
 import polars as pl
 import pytest
 
+from apollo_sync.redact import redact_url
+
 from tasks import artifacts
 
 SUMMARY = {
@@ -19,9 +21,9 @@ KEY = "sk-artifact-test-0123456789"
 
 
 def test_uris_lose_credentials_query_and_fragment():
-    assert artifacts.redact_uri("postgresql://crm:pw@db.local:5432/crm?sslmode=require") == "postgresql://db.local:5432/crm"
-    assert artifacts.redact_uri(f"https://h.test/apis/v1/apollo?api_key={KEY}#x") == "https://h.test/apis/v1/apollo"
-    assert artifacts.redact_uri("data/contacts.csv") == "data/contacts.csv"
+    assert redact_url("postgresql://crm:pw@db.local:5432/crm?sslmode=require") == "postgresql://db.local:5432/crm"
+    assert redact_url(f"https://h.test/apis/v1/apollo?api_key={KEY}#x") == "https://h.test/apis/v1/apollo"
+    assert redact_url("data/contacts.csv") == "data/contacts.csv"
 
 
 def test_asset_keys_are_valid_prefect_asset_keys():
