@@ -862,23 +862,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> SandboxConfig:
-    """SandboxConfig from parsed ``build_parser()`` arguments."""
-    return SandboxConfig(
-        api_key=args.api_key,
-        rate=args.rate,
-        window=args.window,
-        hourly_limit=args.hourly_limit,
-        daily_limit=args.daily_limit,
-        latency=args.latency,
-        fail_before_store=args.fail_before_store,
-        fail_after_store=args.fail_after_store,
-        slow=args.slow,
-        slow_seconds=args.slow_seconds,
-        drop=args.drop,
-        burst_429=args.burst_429,
-        seed=args.seed,
-        shuffle=not args.no_shuffle,
-    )
+    """SandboxConfig from parsed ``build_parser()`` arguments (each flag is named after its field)."""
+    values = {f.name: getattr(args, f.name) for f in fields(SandboxConfig) if f.name != "shuffle"}
+    return SandboxConfig(**values, shuffle=not args.no_shuffle)
 
 
 def main(argv: list[str] | None = None) -> int:
