@@ -63,8 +63,7 @@ def email_fast_valid(expr: pl.Expr) -> pl.Expr:
     return (
         expr.str.contains(EMAIL_FAST_VALID)
         & (expr.str.len_bytes() <= EMAIL_MAX_LENGTH)
-        & ~expr.str.contains(SPECIAL_USE_SUFFIX)
-        & ~expr.str.contains("xn--", literal=True)
+        & ~expr.str.contains(f"xn--|{SPECIAL_USE_SUFFIX}")
     )
 
 
@@ -84,13 +83,11 @@ def email_fast_invalid(expr: pl.Expr) -> pl.Expr:
 
 # --- Phones ---------------------------------------------------------------------------------
 
-PHONE_NANP_INTERNATIONAL = (
-    r"^\+1[ .\-]?(?:\([2-9]\d{2}\)|[2-9]\d{2})[ .\-]?\d{3}[ .\-]?\d{4}(?: ?(?:x|ext\.?) ?\d{1,6})?$"
-)
-"""+1 and a 10-digit North American number (area code 2-9..), usual separators, optional ``x123`` extension."""
-PHONE_NANP_NATIONAL = (
-    r"^(?:\+?1[ .\-]?)?(?:\([2-9]\d{2}\)|[2-9]\d{2})[ .\-]?\d{3}[ .\-]?\d{4}(?: ?(?:x|ext\.?) ?\d{1,6})?$"
-)
+_NANP = r"(?:\(([2-9]\d{2})\)|([2-9]\d{2}))[ .\-]?(\d{3})[ .\-]?(\d{4})(?: ?(?:x|ext\.?) ?\d{1,6})?$"
+PHONE_NANP_INTERNATIONAL = r"^\+1[ .\-]?" + _NANP
+"""+1 and a 10-digit North American number (area code 2-9..), usual separators, optional ``x123`` extension;
+the area code (groups 1 or 2: in or out of parentheses), exchange (3) and line number (4) are captured."""
+PHONE_NANP_NATIONAL = r"^(?:\+?1[ .\-]?)?" + _NANP
 """The same, or written nationally (optional trunk prefix 1): only for a default region in the +1 zone."""
 PHONE_INTERNATIONAL_SHAPE = r"^\+\d+(?:[ .\-]\d+)*$"
 """``+`` and digit groups separated by single spaces, dots or dashes (no ``(0)``, no extension)."""
@@ -101,11 +98,12 @@ def phone_nanp_e164(expr: pl.Expr, *, nanp_region: bool) -> pl.Expr:
 
     For these shapes phonenumbers gives "+1" + the 10 digits (an extension is dropped by E.164) and the
     length is possible; the property test checks that. ``nanp_region``: the default region dials with
-    country code 1 (US, CA...).
+    country code 1 (US, CA...). One regex pass captures the digit groups (measured ~3x faster than a
+    shape check followed by digit extraction).
     """
-    shape = expr.str.contains(PHONE_NANP_NATIONAL if nanp_region else PHONE_NANP_INTERNATIONAL)
-    ten = expr.str.replace(r"(?: ?(?:x|ext\.?) ?\d{1,6})$", "").str.replace_all(r"\D", "").str.slice(-10)
-    return pl.when(shape).then(pl.lit("+1") + ten)
+    parts = expr.str.extract_groups(PHONE_NANP_NATIONAL if nanp_region else PHONE_NANP_INTERNATIONAL)
+    area = pl.coalesce(parts.struct.field("1"), parts.struct.field("2"))
+    return pl.concat_str([pl.lit("+1"), area, parts.struct.field("3"), parts.struct.field("4")])
 
 
 @dataclass(frozen=True)
@@ -127,17 +125,19 @@ def country_code(digits: pl.Expr, codes: list[str]) -> pl.Expr:
     return out
 
 
-def phone_international_e164(expr: pl.Expr, rules: dict[str, CountryRule]) -> tuple[pl.Expr, pl.Expr]:
-    """(decided, e164) for ``+<code> ...`` numbers whose calling code has a rule in ``rules``.
+def phone_international_e164(phones: pl.Series, rules: dict[str, CountryRule]) -> pl.DataFrame:
+    """Columns ``decided`` (bool) and ``e164`` for ``+<code> ...`` numbers whose calling code has a rule in ``rules``.
 
     Decided rows get phonenumbers' verdict without calling it: "+" + digits when the national number's
     length is possible, else null (dropped). Not decided: other shapes, unknown codes, national numbers
     starting with 0 or with the country's national prefix (phonenumbers may strip it). The property test
-    compares this with phonenumbers over every calling code.
+    compares this with phonenumbers over every calling code. Each step is materialised before the next
+    reads it (as one expression, the digits and code were recomputed per branch: ~10x slower).
     """
-    digits = expr.str.replace_all(r"\D", "")
-    code = country_code(digits, list(rules))
-    national = digits.str.slice(code.str.len_bytes())
+    frame = phones.rename("p").to_frame().with_columns(pl.col("p").str.replace_all(r"\D", "").alias("digits"))
+    frame = frame.with_columns(country_code(pl.col("digits"), list(rules)).alias("code"))
+    frame = frame.with_columns(pl.col("digits").str.slice(pl.col("code").str.len_bytes()).alias("national"))
+    code, national = pl.col("code"), pl.col("national")
     prefix_match = pl.lit(False)
     with_prefix = {c: r.national_prefix for c, r in rules.items() if r.national_prefix}
     if with_prefix:
@@ -146,14 +146,17 @@ def phone_international_e164(expr: pl.Expr, rules: dict[str, CountryRule]) -> tu
             chain = chain.when(code == c).then(national.str.contains(f"^(?:{pattern})"))
         prefix_match = chain.otherwise(pl.lit(False))
     decided = (
-        expr.str.contains(PHONE_INTERNATIONAL_SHAPE)
+        pl.col("p").str.contains(PHONE_INTERNATIONAL_SHAPE)
         & code.is_not_null()
         & ~national.str.starts_with("0")
         & ~prefix_match
     ).fill_null(False)
     possible_keys = [f"{c}:{n}" for c, r in rules.items() for n in r.lengths]
     possible = (code + pl.lit(":") + national.str.len_bytes().cast(pl.String)).is_in(possible_keys)
-    return decided, pl.when(decided & possible).then(pl.lit("+") + digits)
+    frame = frame.with_columns(decided.alias("decided"), possible.alias("possible"))
+    return frame.select(
+        "decided", pl.when(pl.col("decided") & pl.col("possible")).then(pl.lit("+") + pl.col("digits")).alias("e164")
+    )
 
 
 # --- Web ------------------------------------------------------------------------------------
@@ -179,9 +182,7 @@ def website(expr: pl.Expr) -> pl.Expr:
 def linkedin(expr: pl.Expr) -> pl.Expr:
     """A LinkedIn URL as ``https://www.linkedin.com/<path>`` without query or trailing slash; null if not LinkedIn."""
     path = (  # lower-case first: a case-insensitive regex costs ~3x more than lower-casing the text
-        expr.str.to_lowercase()
-        .str.extract(r"^\s*(?:https?://)?(?:[a-z]{2,3}\.)?linkedin\.com(/[^?#\s]*)?", 1)
-        .str.strip_chars_end("/")
+        expr.str.to_lowercase().str.extract(r"^\s*(?:https?://)?(?:[a-z]{2,3}\.)?linkedin\.com(/[^?#\s]*?)?/*(?:[?#\s]|$)", 1)
     )
     return pl.when(path.str.len_bytes() > 1).then(pl.lit("https://www.linkedin.com") + path)
 

@@ -46,6 +46,7 @@ from apollo_sync.client import ApolloClient, RateLimited, TransportFailure
 from apollo_sync.errors import ApolloAPIError, AuthError, InputError, RunStopped, Unreachable
 from apollo_sync.ledger import Ledger
 from apollo_sync.pacing import Pacer
+from apollo_sync.payload import payload_fields, with_payload
 from apollo_sync.reconcile import SentRow, reconcile
 
 logger = logging.getLogger("apollo_sync.loader")
@@ -59,7 +60,7 @@ OUTCOMES_SCHEMA = {
 }
 """The outcomes frame every ``load`` returns (common contract)."""
 
-REQUIRED_COLUMNS = ("source_row", "identity", "payload")
+REQUIRED_COLUMNS = ("source_row", "identity")
 OPTIONAL_COLUMNS = ("fingerprint", "email", "first_name", "last_name", "organization_name")
 
 DEFAULT_MAX_ATTEMPTS = 8
@@ -241,13 +242,19 @@ class LoadSession:
     def make_chunks(self, to_send: pl.DataFrame) -> list[Chunk]:
         """Cut ``to_send`` into chunks of at most ``chunk_size`` rows.
 
-        Needs ``source_row``, ``identity`` and ``payload``; ``fingerprint``, ``email``, ``first_name``,
-        ``last_name``, ``organization_name`` and ``must_dedupe`` are used when present. Rows that must be deduped
-        are chunked apart, so they do not force dedupe on new rows.
+        Needs ``source_row`` and ``identity``; ``fingerprint``, ``email``, ``first_name``, ``last_name``,
+        ``organization_name`` and ``must_dedupe`` are used when present. The JSON sent per row is its ``payload``
+        column, or when there is none it is written here from the Apollo field columns (prepare()'s contacts) by
+        :func:`apollo_sync.payload.with_payload`. Rows that must be deduped are chunked apart, so they do not force
+        dedupe on new rows.
         """
         missing = [c for c in REQUIRED_COLUMNS if c not in to_send.columns]
+        if "payload" not in to_send.columns and not payload_fields(to_send.columns):
+            missing.append("payload")
         if missing:
             raise InputError(f"rows to load lack column(s) {', '.join(missing)}; pass the contacts from prepare()")
+        if "payload" not in to_send.columns:
+            to_send = with_payload(to_send)
         frame = to_send.with_columns(
             [pl.lit(None, dtype=pl.String).alias(c) for c in OPTIONAL_COLUMNS if c not in to_send.columns]
         )

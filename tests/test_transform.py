@@ -15,7 +15,8 @@ from apollo_sync import expressions as ex
 from apollo_sync.errors import InputError
 from apollo_sync.mapping import Mapping
 from apollo_sync.report import escape_for_spreadsheet
-from apollo_sync.transform import payload_fingerprint, prepare
+from apollo_sync.payload import contact_fingerprint, field_weight, with_payload
+from apollo_sync.transform import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +27,8 @@ def frame(**columns: list[str | None]) -> pl.DataFrame:
 
 
 def payloads(prepared) -> list[dict]:
-    return [json.loads(p) for p in prepared.contacts.get_column("payload").to_list()]
+    """The JSON bodies the loader would send for ``prepared``'s contacts."""
+    return [json.loads(p) for p in with_payload(prepared.contacts).get_column("payload").to_list()]
 
 
 # --- Cleaning ------------------------------------------------------------------------------
@@ -204,7 +206,9 @@ def test_mapping_custom_fields_and_constants_reach_the_payload() -> None:
 
 def test_payload_holds_only_non_null_apollo_fields_and_escapes_json() -> None:
     p = prepare(frame(Email=["a@x.com"], **{"Job Title": ['Head of "R&D" \\ ops'], "Notes": ["secret"]}))
-    assert p.contacts.get_column("payload").to_list() == ['{"email":"a@x.com","title":"Head of \\"R&D\\" \\\\ ops"}']
+    assert with_payload(p.contacts).get_column("payload").to_list() == [
+        '{"email":"a@x.com","title":"Head of \\"R&D\\" \\\\ ops"}'
+    ]
     assert p.unmapped_columns == ["Notes"]
 
 
@@ -291,11 +295,47 @@ def murmur3_32(data: bytes, seed: int = 0) -> int:
     return h ^ (h >> 16)
 
 
-@pytest.mark.parametrize("payload", ["{}", '{"email":"a@x.com"}', '{"first_name":"Zoë","title":"R&D ✓"}', "x" * 101])
-def test_fingerprint_is_murmur3_of_the_payload(payload: str) -> None:
-    got = pl.select(payload_fingerprint(pl.lit(payload))).item()
-    expected = "".join(f"{murmur3_32((salt + payload).encode()):010d}" for salt in ("0:", "1:"))
-    assert got == expected
+FINGERPRINT_ROWS = [
+    {"email": "a@x.com", "first_name": None, "title": None, "label_names": None, "custom.f1": None},
+    {"email": "a@x.com", "first_name": "Zoë", "title": "R&D ✓", "label_names": ["vip", "Q4"], "custom.f1": "42"},
+    {"email": None, "first_name": "x" * 101, "title": "", "label_names": [], "custom.f1": "0"},
+    {"email": None, "first_name": None, "title": None, "label_names": None, "custom.f1": None},
+]
+
+
+def reference_fingerprint(row: dict) -> str:
+    """The documented fingerprint, from the pure-Python MurmurHash3: sum of weight * (h + 1) mod 2**64."""
+    total = 0
+    for name, value in row.items():
+        if value is None:
+            continue
+        if isinstance(value, list):
+            hashed = sum(murmur3_32(label.encode()) for label in value)
+        else:
+            hashed = murmur3_32(value.encode())
+        total += field_weight(name) * (hashed + 1)
+    return str(total % 2**64)
+
+
+def test_fingerprint_is_the_documented_sum_of_murmur3_hashes() -> None:
+    df = pl.DataFrame(FINGERPRINT_ROWS, schema={"email": pl.String, "first_name": pl.String, "title": pl.String,
+                                                 "label_names": pl.List(pl.String), "custom.f1": pl.String})
+    got = df.select(contact_fingerprint(df.columns)).to_series().to_list()
+    assert got == [reference_fingerprint(row) for row in FINGERPRINT_ROWS]
+    assert got[3] == "0" and len(set(got)) == 4
+    # Weights above 2**63 make the sum wrap: the check above holds only if polars wraps modulo 2**64 too.
+    assert any(field_weight(name) > 2**63 for name in df.columns)
+
+
+def test_fingerprint_changes_with_any_field_and_ignores_absent_ones() -> None:
+    base = {"email": "a@x.com", "first_name": "Ann", "title": "CEO"}
+
+    def fp(row: dict) -> str:
+        return pl.DataFrame([row], schema={k: pl.String for k in row}).select(contact_fingerprint(list(row))).item()
+
+    assert len({fp(base), fp({**base, "title": "CFO"}), fp({**base, "first_name": "Anne"}),
+                fp({**base, "first_name": "CEO", "title": "Ann"})}) == 4
+    assert fp(base) == fp({**base, "home_phone": None})  # a field added later changes nothing while it is empty
 
 
 def test_fingerprint_is_the_same_in_another_process() -> None:
@@ -356,7 +396,7 @@ def test_an_empty_frame_gives_empty_results_with_their_schemas() -> None:
 def test_constant_labels_without_a_labels_column_and_non_string_input() -> None:
     mapping = Mapping(constants={"label_names": ["Q4 import"]})
     p = prepare(pl.DataFrame({"Email": ["a@x.com", "b@x.com"], "Score": [1, 2]}), mapping=mapping)
-    assert [json.loads(x) for x in p.contacts.get_column("payload")] == [
+    assert payloads(p) == [
         {"email": "a@x.com", "label_names": ["Q4 import"]},
         {"email": "b@x.com", "label_names": ["Q4 import"]},
     ]

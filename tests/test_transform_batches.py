@@ -11,6 +11,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from apollo_sync.mapping import Mapping
+from apollo_sync.payload import with_payload
 from apollo_sync.transform import DONE_MARKER, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +107,11 @@ def test_payload_escapes_only_where_needed_and_reads_back_exactly() -> None:
     whole = prepare(df, mapping=mapping)
     batched = prepare(df, mapping=mapping, batch_rows=2)  # batches [0,1] [2,3] [4]: only some need escaping
     assert_frame_equal(batched.contacts, whole.contacts)
-    decoded = [json.loads(p) for p in whole.contacts.get_column("payload").to_list()]
+    # The loader writes payloads a chunk at a time: chunks [0,1] [2,3] [4] differ in what needs escaping.
+    payload = with_payload(whole.contacts).get_column("payload")
+    chunked = pl.concat([with_payload(whole.contacts.slice(i, 2)).get_column("payload") for i in range(0, 5, 2)])
+    assert chunked.to_list() == payload.to_list()
+    decoded = [json.loads(p) for p in payload.to_list()]
     assert [d["title"] for d in decoded] == titles
     assert [d.get("label_names") for d in decoded] == [["a", "b"], ['say "hi"'], None, ["x\\y"], ["z"]]
     assert [d["typed_custom_fields"]["abc"] for d in decoded] == ["1", "2", 'q"3', "4", "5"]

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from apollo_sync import expressions as ex
+from apollo_sync.payload import with_payload
 from apollo_sync.transform import _country_rules, _e164, prepare
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -111,8 +112,7 @@ def test_north_american_fast_path_agrees_with_phonenumbers(values: list[str], re
 @given(st.lists(intl_phones, min_size=1, max_size=10), st.sampled_from(["US", "GB", "IT"]))
 def test_international_fast_path_agrees_with_phonenumbers(values: list[str], region: str) -> None:
     series = pl.Series("p", values)
-    decided, e164 = ex.phone_international_e164(pl.col("p"), _country_rules(series))
-    df = series.to_frame().select("p", decided.alias("d"), e164.alias("e"))
+    df = series.to_frame().hstack(ex.phone_international_e164(series, _country_rules(series)))
     for value, is_decided, fast in df.iter_rows():
         if is_decided:
             assert fast == _e164(value, region), value
@@ -133,8 +133,8 @@ def test_international_fast_path_agrees_with_phonenumbers_on_edges() -> None:
 
 def test_international_fast_path_decides_the_common_shapes() -> None:
     series = pl.Series("p", ["+44 20 7946 0958", "+49 30 901820", "+33 1 23 45 67 89", "+44 020 7946 0958"])
-    decided, _ = ex.phone_international_e164(pl.col("p"), _country_rules(series))
-    assert series.to_frame().select(decided).to_series().to_list() == [True, True, True, False]
+    decided = ex.phone_international_e164(series, _country_rules(series)).get_column("decided")
+    assert decided.to_list() == [True, True, True, False]
 
 
 # --- prepare(): idempotent, and no identity lost -----------------------------------------------
@@ -162,8 +162,8 @@ def test_cleaning_is_idempotent(data: list[tuple]) -> None:
     )
     twice = prepare(again_input)
     assert twice.rejected.height == 0 and twice.duplicates.height == 0 and twice.phones_dropped == 0
-    assert twice.contacts.select("source_row", "identity", "payload").equals(
-        once.contacts.select("source_row", "identity", "payload")
+    assert with_payload(twice.contacts).select("source_row", "identity", "fingerprint", "payload").equals(
+        with_payload(once.contacts).select("source_row", "identity", "fingerprint", "payload")
     )
 
 
@@ -186,7 +186,7 @@ def test_no_row_loses_its_identity(data: list[tuple]) -> None:
         else:
             parts = [" ".join((v or "").split()).lower() for v in (first, last, company)]
             assert all(parts) and identity == "name:" + "|".join(parts)
-    for payload in p.contacts.get_column("payload"):
+    for payload in with_payload(p.contacts).get_column("payload"):
         body = json.loads(payload)
         assert body.get("email") or {"first_name", "last_name", "organization_name"} <= set(body)
 
@@ -198,7 +198,7 @@ def test_payload_is_valid_json_of_the_cleaned_values(texts: list[str]) -> None:
     p = prepare(df)
     titles = df.select(ex.clean_text(pl.col("Title"))).to_series().to_list()
     labels = df.select(ex.labels(pl.col("Tags"))).to_series().to_list()
-    for payload, title, label in zip(p.contacts.get_column("payload"), titles, labels):
+    for payload, title, label in zip(with_payload(p.contacts).get_column("payload"), titles, labels):
         body = json.loads(payload)
         assert body.get("title") == title
         assert body.get("label_names") == label
