@@ -182,7 +182,9 @@ def website(expr: pl.Expr) -> pl.Expr:
 def linkedin(expr: pl.Expr) -> pl.Expr:
     """A LinkedIn URL as ``https://www.linkedin.com/<path>`` without query or trailing slash; null if not LinkedIn."""
     path = (  # lower-case first: a case-insensitive regex costs ~3x more than lower-casing the text
-        expr.str.to_lowercase().str.extract(r"^\s*(?:https?://)?(?:[a-z]{2,3}\.)?linkedin\.com(/[^?#\s]*?)?/*(?:[?#\s]|$)", 1)
+        expr.str.to_lowercase()
+        .str.extract(r"^\s*(?:https?://)?(?:[a-z]{2,3}\.)?linkedin\.com(/[^?#\s]*)?", 1)
+        .str.strip_chars_end("/")
     )
     return pl.when(path.str.len_bytes() > 1).then(pl.lit("https://www.linkedin.com") + path)
 

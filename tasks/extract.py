@@ -24,12 +24,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
-from apollo_sync import expressions, transform
+from apollo_sync import expressions, payload, transform
 from apollo_sync import mapping as mapping_module
 from apollo_sync.sources import Source, SourceOptions, read_source
 
 _TRANSFORM_CODE = hashlib.sha256(
-    "".join(inspect.getsource(module) for module in (transform, mapping_module, expressions)).encode()
+    "".join(inspect.getsource(module) for module in (transform, mapping_module, expressions, payload)).encode()
 ).hexdigest()[:16]
 """Changes to the cleaning code invalidate cached results, like Prefect's TASK_SOURCE but for the whole transform."""
 
