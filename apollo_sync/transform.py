@@ -19,8 +19,8 @@
 Library calls happen once per distinct value and only for values the vectorised fast paths do not decide.
 
 Steps 1-3 run on batches of :data:`BATCH_ROWS` rows (a LazyFrame is read through the streaming engine); the
-dedupe then works across batches from a 64-bit hash per valid row, reading back only the rows whose hash
-repeats; step 5 runs per batch again. With ``out_dir`` every intermediate and result is a Parquet part on disk
+dedupe then works across batches from a 64-bit hash per row, reading back only the rows whose hash
+repeats; step 5 runs per batch again, and drops the rejected rows and the duplicates in one filter. With ``out_dir`` every intermediate and result is a Parquet part on disk
 and the Prepared holds LazyFrames, which bounds memory on 10M-row sources (bench/bench_dry_run.py).
 :func:`apollo_sync.report.escape_for_spreadsheet` makes a frame safe to open in a spreadsheet (formula injection).
 """
@@ -72,8 +72,12 @@ follows. :func:`apollo_sync.payload.with_payload` turns them into the JSON Bulk 
 
 
 BATCH_ROWS = 250_000
-"""Rows cleaned at a time. A batch of a 15-column export costs ~0.35 GB while it is cleaned; only the cleaned
-valid rows (in memory, or in Parquet files with ``out_dir``) and 16 bytes a row for the dedupe outlive it."""
+"""Rows cleaned at a time (two batches at once, see :data:`_PIPELINE_DEPTH`). A batch of a 15-column export costs
+~0.35 GB while it is cleaned; only its cleaned rows (in memory, or in Parquet files with ``out_dir``) and 16 bytes a
+row for the dedupe outlive it."""
+
+FIRST_BATCH_ROWS = 50_000
+"""Rows in the first batch read from a LazyFrame (see :func:`_batches`)."""
 
 PART_KINDS = ("contacts", "rejected", "duplicates")
 DONE_MARKER = "prepared.json"
@@ -144,19 +148,23 @@ def prepare(
         return (raw.height, *_clean_batch(raw, plan.sources, mapping, region))
 
     with ThreadPoolExecutor(max_workers=_PIPELINE_DEPTH, thread_name_prefix="apollo-sync-prepare") as pool:
-        for height, valid, rejected, dropped in _in_order(pool, clean, _batches(frame, lf, batch_rows)):
+        for height, cleaned, rejected, dropped in _in_order(pool, clean, _batches(frame, lf, batch_rows)):
             rows_read += height
             phones_dropped += dropped
             parts.put("rejected", rejected)
-            parts.put("clean", valid)
-            # Dedupe candidates by an in-process 64-bit hash of the identity; the grouping is on the exact text.
-            hashes.append(valid.get_column("identity").hash())
+            parts.put("clean", cleaned)
+            # Dedupe candidates by an in-process 64-bit hash of the identity (null: rejected); the grouping is on
+            # the exact text.
+            hashes.append(cleaned.select(pl.when(pl.col("identity").is_not_null()).then(pl.col("identity").hash())).to_series())
+        # Fingerprints need no dedupe: they are computed while it runs, then redone for survivors it fills.
+        fingerprints = [pool.submit(lambda i: _fingerprints(parts.get("clean", i)), i) for i in range(len(hashes))]
         duplicates, groups = _duplicate_groups(parts, hashes)
         parts.put("duplicates", duplicates)
         offsets = [sum(h.len() for h in hashes[:i]) for i in range(len(hashes))]
 
         def finish(index: int) -> pl.DataFrame:
-            return _with_fingerprint(_merge_batch(parts.take("clean", index), groups, offsets[index]))
+            rows = parts.take("clean", index).with_columns(fingerprints[index].result())
+            return _contact_columns(_merge_batch(rows, groups, offsets[index]))
 
         for contacts in _in_order(pool, finish, range(len(hashes))):
             parts.put("contacts", contacts)
@@ -189,16 +197,27 @@ def _in_order(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T]
 
 
 def _batches(frame: pl.LazyFrame | pl.DataFrame, lf: pl.LazyFrame, batch_rows: int) -> Iterator[pl.DataFrame]:
-    """The rows of ``lf`` (``frame`` with source_row) ``batch_rows`` at a time; one empty batch for no rows."""
+    """The rows of ``lf`` (``frame`` with source_row) ``batch_rows`` at a time; one empty batch for no rows.
+
+    The first batch is only :data:`FIRST_BATCH_ROWS` rows: it is ready ~4x sooner (the reader parses less
+    before the first yield), so cleaning starts while the reader goes on.
+    """
     if isinstance(frame, pl.DataFrame) and frame.height <= batch_rows:
         yield lf.collect()
         return
     given = False
-    for batch in lf.collect_batches(chunk_size=batch_rows, maintain_order=True):
-        if batch.height or not given:
+    pending: list[pl.DataFrame] = []
+    size = 0
+    for part in lf.collect_batches(chunk_size=min(batch_rows, FIRST_BATCH_ROWS), maintain_order=True):
+        pending.append(part)
+        size += part.height
+        if size and (not given or size >= batch_rows):
             given = True
-            yield batch
-    if not given:
+            yield pl.concat(pending, rechunk=False) if len(pending) > 1 else pending[0]
+            pending, size = [], 0
+    if size:
+        yield pl.concat(pending, rechunk=False) if len(pending) > 1 else pending[0]
+    elif not given:
         yield lf.head(0).collect()
 
 
@@ -296,7 +315,10 @@ class _Parts:
 def _clean_batch(
     raw: pl.DataFrame, sources: dict[str, tuple[str, ...]], mapping: Mapping, region: str
 ) -> tuple[pl.DataFrame, pl.DataFrame, int]:
-    """(valid cleaned rows with identity, rejected rows, phones dropped) of one batch of rows as read."""
+    """(cleaned rows, rejected rows, phones dropped) of one batch of rows as read.
+
+    The cleaned rows are all the batch's rows; a rejected one has a null ``identity`` (every other has one).
+    """
     nanp = phonenumbers.country_code_for_region(region) == 1
     phones = [n for n in settings.PHONE_FIELDS if n in sources or n in mapping.constants]
     cleaned = raw.lazy().select(_clean_exprs(raw, sources, mapping, phones)).collect()
@@ -315,11 +337,13 @@ def _clean_batch(
 
     reason = cleaned.get_column(_REASON)
     rejected_mask = reason.is_not_null()
-    valid = cleaned.drop(_REASON, _EMAIL_READ)
+    rows = cleaned.drop(_REASON, _EMAIL_READ)
     if not rejected_mask.any():
-        return valid, _rejected(raw_maybe.head(0), cleaned.head(0)), int(dropped.sum())
+        return rows, _rejected(raw_maybe.head(0), cleaned.head(0)), int(dropped.sum())
     rejected = _rejected(raw_maybe.filter(reason.filter(maybe_rejected).is_not_null()), cleaned.filter(rejected_mask))
-    return valid.filter(~rejected_mask), rejected, int(dropped.filter(~rejected_mask).sum())
+    # Rejected rows stay (without identity) until the merge, which drops them with the duplicates in one filter.
+    rows = rows.with_columns(rows.get_column("identity").scatter(rejected_mask.arg_true(), None))
+    return rows, rejected, int(dropped.filter(~rejected_mask).sum())
 
 
 # --- Mapping checks ------------------------------------------------------------------------
@@ -656,7 +680,7 @@ def _duplicate_groups(parts: _Parts, hashes: list[pl.Series]) -> tuple[pl.DataFr
     computed one field at a time so only a column of the candidates is in memory at once.
     """
     everything = pl.concat(hashes) if len(hashes) > 1 else hashes[0]
-    maybe_dup = everything.is_duplicated()
+    maybe_dup = everything.is_duplicated() & everything.is_not_null()  # null: a rejected row
     del everything
     keys, offset = [], 0
     for index, h in enumerate(hashes):
@@ -702,7 +726,8 @@ def _duplicate_groups(parts: _Parts, hashes: list[pl.Series]) -> tuple[pl.DataFr
 
 
 def _merge_batch(rows: pl.DataFrame, groups: pl.DataFrame, offset: int) -> pl.DataFrame:
-    """One batch's valid rows (global positions from ``offset``) without the dropped duplicates, survivors filled.
+    """One batch's cleaned rows (global positions from ``offset``) without the rejected ones (null identity) and the
+    dropped duplicates, survivors filled.
 
     A survivor's own non-null value is its group's first non-null, so coalescing fills only its gaps.
     """
@@ -712,11 +737,12 @@ def _merge_batch(rows: pl.DataFrame, groups: pl.DataFrame, offset: int) -> pl.Da
     in_batch = (survivors >= offset) & (survivors < end)
     dropped = positions.list.slice(1).explode().drop_nulls()
     dropped = dropped.filter((dropped >= offset) & (dropped < end))
+    keep = rows.get_column("identity").is_not_null()  # a rejected row has none
     if not in_batch.any() and dropped.len() == 0:
-        return rows
+        return rows if keep.all() else rows.filter(keep)
     here = groups.filter(in_batch)
     survivor_rows = survivors.filter(in_batch) - offset
-    keep = pl.repeat(True, rows.height, eager=True).scatter(dropped - offset, False)
+    keep = keep.scatter(dropped - offset, False)
     # Fill only the fields where some survivor is empty and its group has a value (usually few or none).
     gaps = [
         c
@@ -728,13 +754,21 @@ def _merge_batch(rows: pl.DataFrame, groups: pl.DataFrame, offset: int) -> pl.Da
     group_of = pl.repeat(None, rows.height, dtype=pl.UInt32, eager=True).alias("_group")
     group_of = group_of.scatter(survivor_rows, pl.Series(range(here.height), dtype=pl.UInt32))
     filled = [pl.coalesce(pl.col(c), pl.lit(here.get_column(c)).gather(pl.col("_group"))).alias(c) for c in gaps]
-    return rows.with_columns(group_of).filter(keep).with_columns(filled).drop("_group")
+    merged = rows.with_columns(group_of).filter(keep).with_columns(filled).drop("_group")
+    if "fingerprint" in merged.columns:  # the survivors' content changed: so does their fingerprint
+        survivors_now = group_of.filter(keep).is_not_null().arg_true()
+        fingerprint = merged.get_column("fingerprint").scatter(survivors_now, _fingerprints(merged[survivors_now]))
+        merged = merged.with_columns(fingerprint)
+    return merged
 
 
-def _with_fingerprint(contacts: pl.DataFrame) -> pl.DataFrame:
-    """The contacts of one batch in :data:`CONTACT_COLUMNS` order (custom fields last), with their fingerprint."""
-    customs = [c for c in contacts.columns if c.startswith(CUSTOM_PREFIX)]
-    # A null adds nothing to the sum: columns null in every row of this batch need no hashing.
-    fields = [c for c in payload_fields(contacts.columns) if contacts.get_column(c).null_count() < contacts.height]
-    fingerprint = contact_fingerprint(fields).alias("fingerprint")
-    return contacts.with_columns(fingerprint).select(*CONTACT_COLUMNS, *customs)
+def _fingerprints(rows: pl.DataFrame) -> pl.Series:
+    """The ``fingerprint`` of each row (:func:`apollo_sync.payload.contact_fingerprint` of its payload fields)."""
+    # A null adds nothing to the sum: columns null in every row here need no hashing.
+    fields = [c for c in payload_fields(rows.columns) if rows.get_column(c).null_count() < rows.height]
+    return rows.with_columns(contact_fingerprint(fields).alias("fingerprint")).get_column("fingerprint")
+
+
+def _contact_columns(contacts: pl.DataFrame) -> pl.DataFrame:
+    """``contacts`` in :data:`CONTACT_COLUMNS` order, custom fields last."""
+    return contacts.select(*CONTACT_COLUMNS, *[c for c in contacts.columns if c.startswith(CUSTOM_PREFIX)])

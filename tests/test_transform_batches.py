@@ -11,7 +11,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from apollo_sync.mapping import Mapping
-from apollo_sync.payload import with_payload
+from apollo_sync.payload import contact_fingerprint, payload_fields, with_payload
 from apollo_sync.transform import DONE_MARKER, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +72,18 @@ def test_fill_from_a_duplicate_in_a_later_batch() -> None:
     p = prepare(df, batch_rows=2)
     assert p.contacts.select("source_row", "title").rows() == [(1, "CEO"), (2, "CTO"), (3, None)]
     assert p.duplicates.rows() == [(4, "a@x.com", 1)]
+    # The fingerprint is computed before the dedupe: a filled survivor's must be redone from its final fields.
+    assert p.contacts.get_column("fingerprint").to_list() == _fingerprints_of(p.contacts)
+
+
+def _fingerprints_of(contacts: pl.DataFrame) -> list[str]:
+    return contacts.select(contact_fingerprint(payload_fields(contacts.columns))).to_series().to_list()
+
+
+def test_fingerprints_match_the_final_contacts(export) -> None:
+    df, _ = export
+    p = prepare(df.lazy(), batch_rows=250)
+    assert p.contacts.get_column("fingerprint").to_list() == _fingerprints_of(p.contacts)
 
 
 def test_empty_lazy_frame_keeps_schemas(tmp_path: Path) -> None:
@@ -91,6 +103,18 @@ def test_batches_are_batch_rows_long() -> None:
     assert [b.height for b in _batches(df, lf, 300)] == [300, 300, 300, 100]
     assert [b.height for b in _batches(df, lf, 5000)] == [1000]
     assert pl.concat(list(_batches(df.lazy(), lf, 300)))["source_row"].to_list() == list(range(1, 1001))
+
+
+def test_the_first_batch_is_short_so_cleaning_starts_early(monkeypatch: pytest.MonkeyPatch) -> None:
+    from apollo_sync import transform
+
+    monkeypatch.setattr(transform, "FIRST_BATCH_ROWS", 100)
+    df = pl.DataFrame({"a": [str(i) for i in range(1000)]})
+    lf = df.lazy().with_row_index("source_row", offset=1)
+    batches = list(transform._batches(df.lazy(), lf, 300))
+    assert [b.height for b in batches] == [100, 300, 300, 300]
+    assert pl.concat(batches)["source_row"].to_list() == list(range(1, 1001))
+    assert [b.height for b in transform._batches(df.lazy(), lf, 50)] == [50] * 20  # batches never exceed batch_rows
 
 
 def test_payload_escapes_only_where_needed_and_reads_back_exactly() -> None:
