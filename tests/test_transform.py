@@ -384,6 +384,29 @@ def test_repeating_columns_are_cleaned_per_distinct_value_with_the_same_result()
     assert_frame_equal(p.contacts.select(expected.columns), expected)
 
 
+def test_per_distinct_shortcuts_give_what_cleaning_every_row_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    from apollo_sync import transform
+
+    n = 48
+    df = frame(
+        Email=[f"u{i}@x.com" for i in range(n)],
+        **{"First Name": [" Ann", "Bob  ", None, "ann"] * (n // 4), "Job Title": ["CEO", None, " cto "] * (n // 3)},
+        Website=["WWW.Acme.com/", None, "acme.com"] * (n // 3),
+        City=[None, " Austin ", "Paris", None] * (n // 4),
+        State=["TX", None, None] * (n // 3),
+        Country=[None, "USA", "France  ", "UK"] * (n // 4),
+    )
+    shortcut = prepare(df)
+    monkeypatch.setattr(transform, "_hashes_are_exact", lambda hashes, nulls: False)  # as after a hash collision
+    by_value = prepare(df)
+    monkeypatch.setattr(transform, "_REPEATS", 10**9)  # nothing repeats enough: every row cleaned
+    every_row = prepare(df)
+    assert_frame_equal(shortcut.contacts, every_row.contacts)
+    assert_frame_equal(by_value.contacts, every_row.contacts)
+    addresses = every_row.contacts.get_column("present_raw_address").to_list()
+    assert addresses[:4] == ["TX", "Austin, USA", "Paris, France", "TX, UK"]
+
+
 def test_an_empty_frame_gives_empty_results_with_their_schemas() -> None:
     p = prepare(frame(Email=[], Phone=[]).lazy())
     assert p.rows_read == 0 and p.contacts.height == 0
