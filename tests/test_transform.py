@@ -60,6 +60,27 @@ def test_email_is_trimmed_and_lower_cased() -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("linkedin.com/in/JDoe/", "https://www.linkedin.com/in/jdoe"),
+        ("  uk.linkedin.com/in/y#top ", "https://www.linkedin.com/in/y"),
+        ("https://www.linkedin.com/in/linkedin.com/", "https://www.linkedin.com/in/linkedin.com"),
+        ("http://linkedin.com//x?a=b/c", "https://www.linkedin.com//x"),
+        ("linkedin.com/in/a b", "https://www.linkedin.com/in/a"),
+        ("https://www.linkedin.com/in/zoë", "https://www.linkedin.com/in/zoë"),
+        ("linkedin.com/", None),
+        ("linkedin.com", None),
+        ("linkedin.com/?trk=1", None),
+        ("https://linkedin.com.evil.io/x", None),
+        ("www.example.com/linkedin.com/in/x", None),
+    ],
+)
+def test_linkedin_urls(url: str, expected: str | None) -> None:
+    got = pl.DataFrame({"u": [url]}).select(ex.linkedin(pl.col("u"))).item()
+    assert got == expected
+
+
+@pytest.mark.parametrize(
     "bad",
     ["n/a", "tim@", "@example.com", "tim..z@example.com", "tim@@example.com", "tim at example.com",
      "tim@example", "tim@localhost", "tim@example.com.", "tim@-x.com", "tim@mail.test", "a b@example.com"],
