@@ -413,8 +413,8 @@ def test_per_distinct_shortcuts_give_what_cleaning_every_row_gives(monkeypatch: 
         Email=[f"u{i}@x.com" for i in range(n)],
         **{"First Name": [" Ann", "Bob  ", None, "ann"] * (n // 4), "Job Title": ["CEO", None, " cto "] * (n // 3)},
         Website=["WWW.Acme.com/", None, "acme.com"] * (n // 3),
-        City=[None, " Austin ", "Paris", None] * (n // 4),
-        State=["TX", None, None] * (n // 3),
+        City=[None, " Austin ", "Paris", "a\x1f"] * (n // 4),  # "a\x1f" + "b" must not meet "a" + "\x1fb"
+        State=["TX", None, "\x1fb"] * (n // 3),
         Country=[None, "USA", "France  ", "UK"] * (n // 4),
     )
     shortcut = prepare(df)
@@ -425,7 +425,7 @@ def test_per_distinct_shortcuts_give_what_cleaning_every_row_gives(monkeypatch: 
     assert_frame_equal(shortcut.contacts, every_row.contacts)
     assert_frame_equal(by_value.contacts, every_row.contacts)
     addresses = every_row.contacts.get_column("present_raw_address").to_list()
-    assert addresses[:4] == ["TX", "Austin, USA", "Paris, France", "TX, UK"]
+    assert addresses[:4] == ["TX", "Austin, USA", "Paris, \x1fb, France", "a\x1f, TX, UK"]
 
 
 def test_an_empty_frame_gives_empty_results_with_their_schemas() -> None:
