@@ -134,7 +134,10 @@ def phone_international_e164(phones: pl.Series, rules: dict[str, CountryRule]) -
     compares this with phonenumbers over every calling code. Each step is materialised before the next
     reads it (as one expression, the digits and code were recomputed per branch: ~10x slower).
     """
-    frame = phones.rename("p").to_frame().with_columns(pl.col("p").str.replace_all(r"\D", "").alias("digits"))
+    # Only the separators PHONE_INTERNATIONAL_SHAPE allows are removed: other rows are not decided anyway,
+    # and a literal replace is ~2x faster than a regex one.
+    seps = ["+", " ", ".", "-"]
+    frame = phones.rename("p").to_frame().with_columns(pl.col("p").str.replace_many(seps, [""] * len(seps)).alias("digits"))
     frame = frame.with_columns(country_code(pl.col("digits"), list(rules)).alias("code"))
     frame = frame.with_columns(pl.col("digits").str.slice(pl.col("code").str.len_bytes()).alias("national"))
     code, national = pl.col("code"), pl.col("national")

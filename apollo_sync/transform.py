@@ -353,7 +353,10 @@ def _clean_batch(
     rows = cleaned.drop(_REASON, _EMAIL_READ)
     if not rejected_mask.any():
         return rows, _rejected(raw_maybe.head(0), cleaned.head(0)), int(dropped.sum())
-    rejected = _rejected(raw_maybe.filter(reason.filter(maybe_rejected).is_not_null()), cleaned.filter(rejected_mask))
+    rejected = _rejected(
+        raw_maybe.filter(reason.filter(maybe_rejected).is_not_null()),
+        cleaned.select(SOURCE_ROW, _EMAIL_READ, _REASON).filter(rejected_mask),
+    )
     # Rejected rows stay (without identity) until the merge, which drops them with the duplicates in one filter.
     rows = rows.with_columns(rows.get_column("identity").scatter(rejected_mask.arg_true(), None))
     return rows, rejected, int(dropped.filter(~rejected_mask).sum())
