@@ -143,30 +143,31 @@ def prepare(
 
     parts = _Parts(out_dir)
     rows_read = phones_dropped = 0
-    hashes: list[pl.Series] = []
-    def clean(raw: pl.DataFrame) -> tuple[int, pl.DataFrame, pl.DataFrame, int]:
-        return (raw.height, *_clean_batch(raw, plan.sources, mapping, region))
+    identity_keys: list[pl.DataFrame] = []  # per batch: (hash, row) of each identity, sorted by hash
+    heights: list[int] = []
+    def clean(raw: pl.DataFrame) -> tuple[int, pl.DataFrame, pl.DataFrame, int, pl.DataFrame]:
+        cleaned, rejected, dropped = _clean_batch(raw, plan.sources, mapping, region)
+        return raw.height, cleaned, rejected, dropped, _identity_keys(cleaned)
 
     with ThreadPoolExecutor(max_workers=_PIPELINE_DEPTH, thread_name_prefix="apollo-sync-prepare") as pool:
-        for height, cleaned, rejected, dropped in _in_order(pool, clean, _batches(frame, lf, batch_rows)):
+        for height, cleaned, rejected, dropped, keys in _in_order(pool, clean, _batches(frame, lf, batch_rows)):
             rows_read += height
             phones_dropped += dropped
             parts.put("rejected", rejected)
             parts.put("clean", cleaned)
-            # Dedupe candidates by an in-process 64-bit hash of the identity (null: rejected); the grouping is on
-            # the exact text.
-            hashes.append(_select(cleaned, pl.when(pl.col("identity").is_not_null()).then(pl.col("identity").hash())).to_series())
+            identity_keys.append(keys)
+            heights.append(height)
+        offsets = [sum(heights[:i]) for i in range(len(heights))]
         # Fingerprints need no dedupe: they are computed while it runs, then redone for survivors it fills.
-        fingerprints = [pool.submit(lambda i: _fingerprints(parts.get("clean", i)), i) for i in range(len(hashes))]
-        duplicates, groups = _duplicate_groups(parts, hashes)
+        fingerprints = [pool.submit(lambda i: _fingerprints(parts.get("clean", i)), i) for i in range(len(heights))]
+        duplicates, groups = _duplicate_groups(parts, identity_keys, heights)
         parts.put("duplicates", duplicates)
-        offsets = [sum(h.len() for h in hashes[:i]) for i in range(len(hashes))]
 
         def finish(index: int) -> pl.DataFrame:
             rows = parts.take("clean", index).with_columns(fingerprints[index].result())
             return _contact_columns(_merge_batch(rows, groups, offsets[index]))
 
-        for contacts in _in_order(pool, finish, range(len(hashes))):
+        for contacts in _in_order(pool, finish, range(len(heights))):
             parts.put("contacts", contacts)
     return Prepared(
         contacts=parts.frame("contacts"),
@@ -740,26 +741,51 @@ def _rejected(raw: pl.DataFrame, cleaned: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _duplicate_groups(parts: _Parts, hashes: list[pl.Series]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(duplicates frame, groups) for the valid rows of every batch, found across batches.
+def _identity_keys(cleaned: pl.DataFrame) -> pl.DataFrame:
+    """``h`` (an in-process 64-bit hash of the identity) and ``p`` (the row in the batch) of the rows that have an
+    identity (not rejected), sorted by ``h``: sorted in the batch's worker, they merge cheaply in the dedupe."""
+    return (
+        cleaned.lazy()
+        .with_row_index("p")
+        .filter(pl.col("identity").is_not_null())
+        .select(pl.col("identity").hash().alias("h"), "p")
+        .sort("h")
+        .collect()
+    )
 
-    ``hashes`` holds each batch's 64-bit identity hashes; only the rows whose hash repeats somewhere are kept
-    (with their global position ``_pos``, as ``candidates`` parts) and grouped on the exact identity text, so a
-    hash collision only costs a little work, never a merge. A group (one identity seen more than once) has the
-    positions of its rows (``_pos``, survivor first) and the first non-null value of each field in row order,
-    computed one field at a time so only a column of the candidates is in memory at once.
+
+def _maybe_duplicated(identity_keys: list[pl.DataFrame], offsets: list[int], total: int) -> pl.Series:
+    """True for each row (of ``total``, batches at ``offsets``) whose identity hash another row shares."""
+    if not total:
+        return pl.Series(dtype=pl.Boolean)
+    keys = pl.concat(
+        [k.select("h", pl.col("p").cast(pl.UInt64) + offset) for k, offset in zip(identity_keys, offsets)]
+    ).sort("h")  # runs already sorted: ~3x faster than is_duplicated over the unsorted hashes
+    h = keys.get_column("h")
+    repeated = (h == h.shift(1)).fill_null(False) | (h == h.shift(-1)).fill_null(False)
+    return pl.repeat(False, total, eager=True).scatter(keys.get_column("p").filter(repeated), True)
+
+
+def _duplicate_groups(
+    parts: _Parts, identity_keys: list[pl.DataFrame], heights: list[int]
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(duplicates frame, groups) for the cleaned rows of every batch, found across batches.
+
+    ``identity_keys`` holds each batch's 64-bit identity hashes (:func:`_identity_keys`); only the rows whose hash
+    repeats somewhere are kept (with their global position ``_pos``, as ``candidates`` parts) and grouped on the
+    exact identity text, so a hash collision only costs a little work, never a merge. A group (one identity seen
+    more than once) has the positions of its rows (``_pos``, survivor first) and the first non-null value of each
+    field in row order, computed one field at a time so only a column of the candidates is in memory at once.
     """
-    everything = pl.concat(hashes) if len(hashes) > 1 else hashes[0]
-    maybe_dup = everything.is_duplicated() & everything.is_not_null()  # null: a rejected row
-    del everything
-    keys, offset = [], 0
-    for index, h in enumerate(hashes):
-        mask = maybe_dup.slice(offset, h.len())
+    offsets = [sum(heights[:i]) for i in range(len(heights))]
+    maybe_dup = _maybe_duplicated(identity_keys, offsets, sum(heights))
+    keys = []
+    for index, (offset, height) in enumerate(zip(offsets, heights)):
+        mask = maybe_dup.slice(offset, height)
         rows = parts.get("clean", index)
         candidates = rows.with_row_index("_pos", offset=offset).filter(mask) if mask.any() else rows.head(0).with_row_index("_pos")
         parts.put("candidates", candidates)
         keys.append(candidates.select("_pos", "identity", SOURCE_ROW))
-        offset += h.len()
     fields = [c for c in candidates.columns if c not in (SOURCE_ROW, "identity", "_pos")]
     key_frame = pl.concat(keys, how="vertical") if len(keys) > 1 else keys[0]
     del keys
