@@ -373,7 +373,6 @@ def _clean_batch(
         _pick(cleaned, SOURCE_ROW, _EMAIL_READ, _REASON).filter(rejected_mask),
     )
     # Rejected rows stay (without identity) until the merge, which drops them with the duplicates in one filter.
-    rows = rows.with_columns(rows.get_column("identity").scatter(rejected_mask.arg_true(), None))
     return rows, rejected, int(dropped.filter(~rejected_mask).sum())
 
 
@@ -501,7 +500,7 @@ def _repeating_values(raw: pl.DataFrame, columns: list[str]) -> dict[str, pl.Ser
     columns = [c for c in columns if sample.get_column(c).item()]
     if not columns:
         return {}
-    found = _select(raw, *[pl.col(c).drop_nulls().unique().implode() for c in columns])
+    found = raw.lazy().select([pl.col(c).drop_nulls().unique().implode() for c in columns]).collect(engine="in-memory")
     values = {c: found.get_column(c).explode() for c in columns}
     return {c: v for c, v in values.items() if v.len() * _REPEATS <= raw.height}
 
@@ -623,15 +622,18 @@ def _finish(cleaned: pl.DataFrame, region: str, phones: list[str]) -> tuple[pl.D
     ):
         if rows.any():
             reason = reason.scatter(rows.arg_true(), why)
-    identity = _select(out, (pl.lit("email:") + pl.col("email")).alias("identity")).to_series()
-    by_name = (no_email & named).arg_true()
+    out = out.with_columns(reason)
+    # A rejected row gets no identity (the merge drops it with the duplicates).
+    email_identity = pl.when(pl.col(_REASON).is_null()).then(pl.lit("email:") + pl.col("email"))
+    identity = _select(out, email_identity.alias("identity")).to_series()
+    by_name = (no_email & named & reason.is_null()).arg_true()
     if by_name.len():
         parts = _pick(out, "first_name", "last_name", "organization_name")[by_name]
         key = parts.select(
             pl.lit("name:") + pl.concat_str(pl.all(), separator="|").str.to_lowercase()
         ).to_series()
         identity = identity.scatter(by_name, key)
-    return out.with_columns(reason, identity), dropped
+    return out.with_columns(identity), dropped
 
 
 def _named() -> pl.Expr:
