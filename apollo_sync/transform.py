@@ -603,9 +603,11 @@ def _finish(cleaned: pl.DataFrame, region: str, phones: list[str]) -> tuple[pl.D
             n: cleaned.get_column(_PHONE_RAW + n).gather(rows).to_frame("t").select(ex.clean_text(pl.col("t"))).to_series()
             for n, rows in open_phone.items()
         }
-        verdicts = _phone_verdicts(pl.concat(list(texts.values())).drop_nulls().unique(), region)
+        all_e164 = _phones_e164(pl.concat(list(texts.values())), region)
+        start = 0
         for n, rows in open_phone.items():
-            e164 = _lookup(texts[n], verdicts)
+            e164 = all_e164.slice(start, rows.len())
+            start += rows.len()
             found[n] = found[n].scatter(rows, e164)
             lost = (texts[n].is_not_null() & e164.is_null()).cast(pl.Int32)
             dropped = dropped.scatter(rows, dropped.gather(rows) + lost)
@@ -670,18 +672,23 @@ def _email_verdicts(emails: pl.Series) -> pl.DataFrame:
     )
 
 
-def _phone_verdicts(values: pl.Series, region: str) -> pl.DataFrame:
-    """key (phone text) -> value (E.164, or null: dropped) for the distinct phone texts the North American fast
-    path left open.
+def _phones_e164(texts: pl.Series, region: str) -> pl.Series:
+    """E.164, or null (dropped), for each cleaned phone text the North American fast path left open.
 
-    ``+<code> ...`` numbers of known calling codes are decided by the vectorised rule of
-    :func:`apollo_sync.expressions.phone_international_e164`; phonenumbers parses the rest, once each.
+    ``+<code> ...`` numbers of known calling codes are decided row by row by the vectorised rule of
+    :func:`apollo_sync.expressions.phone_international_e164` (they hardly repeat, so looking them up per distinct
+    value cost more than it saved); phonenumbers parses the rest once per distinct value (junk such as "123"
+    repeats).
     """
-    frame = values.rename("phone").to_frame().hstack(ex.phone_international_e164(values, _country_rules(values)))
-    fast = frame.filter(pl.col("decided"))
-    slow = frame.filter(~pl.col("decided")).get_column("phone")
-    slow_e164 = pl.Series([_e164(value, region) for value in slow.to_list()], dtype=pl.String)
-    return pl.DataFrame({"key": pl.concat([fast.get_column("phone"), slow]), "value": pl.concat([fast.get_column("e164"), slow_e164])})
+    verdicts = ex.phone_international_e164(texts, _country_rules(texts))
+    e164 = verdicts.get_column("e164")
+    undecided = (~verdicts.get_column("decided") & texts.is_not_null()).arg_true()
+    if undecided.len():
+        values = texts.gather(undecided)
+        distinct = values.unique()
+        parsed = pl.Series([_e164(value, region) for value in distinct.to_list()], dtype=pl.String)
+        e164 = e164.scatter(undecided, values.replace_strict(distinct, parsed, default=None, return_dtype=pl.String))
+    return e164
 
 
 def _country_rules(phones: pl.Series) -> dict[str, ex.CountryRule]:
