@@ -790,7 +790,7 @@ def _maybe_duplicated(identity_keys: list[pl.DataFrame], offsets: list[int], tot
 
 def _duplicate_groups(
     parts: _Parts, identity_keys: list[pl.DataFrame], heights: list[int]
-) -> tuple[pl.DataFrame, pl.DataFrame]:
+) -> tuple[pl.DataFrame, _Groups]:
     """(duplicates frame, groups) for the cleaned rows of every batch, found across batches.
 
     ``identity_keys`` holds each batch's 64-bit identity hashes (:func:`_identity_keys`); only the rows whose hash
@@ -840,26 +840,42 @@ def _duplicate_groups(
         .select(pl.col("_rows").alias(SOURCE_ROW), "email", "merged_into")
         .sort(SOURCE_ROW)
     )
-    return duplicates, groups.drop("_rows", "identity")
+    return duplicates, _Groups.of(groups.drop("_rows", "identity"))
 
 
-def _merge_batch(rows: pl.DataFrame, groups: pl.DataFrame, offset: int) -> pl.DataFrame:
+@dataclass(frozen=True)
+class _Groups:
+    """What the merge needs of the dedupe: the groups, their survivors' positions and the dropped rows' positions."""
+
+    frame: pl.DataFrame
+    """One row per identity seen more than once: ``_pos`` (positions, survivor first) and each field's first value."""
+    survivors: pl.Series
+    """The first position of each group, ascending (groups are numbered in order of first appearance)."""
+    dropped: pl.Series
+    """The other positions of every group, ascending."""
+
+    @classmethod
+    def of(cls, frame: pl.DataFrame) -> _Groups:
+        positions = frame.get_column("_pos")
+        return cls(frame, positions.list.first(), positions.list.slice(1).explode().drop_nulls().sort())
+
+
+def _merge_batch(rows: pl.DataFrame, groups: _Groups, offset: int) -> pl.DataFrame:
     """One batch's cleaned rows (global positions from ``offset``) without the rejected ones (null identity) and the
-    dropped duplicates, survivors filled.
+    dropped duplicates, survivors filled (and, with a ``fingerprint`` column, their fingerprints redone).
 
     A survivor's own non-null value is its group's first non-null, so coalescing fills only its gaps.
     """
     end = offset + rows.height
-    positions = groups.get_column("_pos")
-    survivors = positions.list.first()
-    in_batch = (survivors >= offset) & (survivors < end)
-    dropped = positions.list.slice(1).explode().drop_nulls()
-    dropped = dropped.filter((dropped >= offset) & (dropped < end))
+    first, last = groups.survivors.search_sorted(offset), groups.survivors.search_sorted(end)
+    survivor_rows = groups.survivors.slice(first, last - first) - offset
+    dropped = groups.dropped.slice(
+        groups.dropped.search_sorted(offset), groups.dropped.search_sorted(end) - groups.dropped.search_sorted(offset)
+    )
     keep = rows.get_column("identity").is_not_null()  # a rejected row has none
-    if not in_batch.any() and dropped.len() == 0:
+    if survivor_rows.len() == 0 and dropped.len() == 0:
         return rows if keep.all() else rows.filter(keep)
-    here = groups.filter(in_batch)
-    survivor_rows = survivors.filter(in_batch) - offset
+    here = groups.frame.slice(first, last - first)
     keep = keep.scatter(dropped - offset, False)
     # Fill only the fields where some survivor is empty and its group has a value (usually few or none).
     fields = [c for c in here.columns if c != "_pos"]
@@ -869,16 +885,17 @@ def _merge_batch(rows: pl.DataFrame, groups: pl.DataFrame, offset: int) -> pl.Da
     if not gaps:
         return rows.filter(keep)
     changed = functools.reduce(operator.or_, (gap[c] for c in gaps))  # survivors that get some value
-    group_of = pl.repeat(None, rows.height, dtype=pl.UInt32, eager=True).alias("_group")
-    group_of = group_of.scatter(
+    group_of = pl.repeat(None, rows.height, dtype=pl.UInt32, eager=True).alias("_group").scatter(
         survivor_rows.filter(changed), pl.Series(range(here.height), dtype=pl.UInt32).filter(changed)
     )
     filled = [pl.coalesce(pl.col(c), pl.lit(here.get_column(c)).gather(pl.col("_group"))).alias(c) for c in gaps]
     merged = rows.with_columns(group_of).lazy().filter(pl.lit(keep)).with_columns(filled).drop("_group").collect()
-    if "fingerprint" in merged.columns:  # their content changed: so does their fingerprint
-        refilled = group_of.filter(keep).is_not_null().arg_true()
-        fingerprint = merged.get_column("fingerprint").scatter(refilled, _fingerprints(merged[refilled]))
-        merged = merged.with_columns(fingerprint)
+    if "fingerprint" in merged.columns:  # a filled survivor's fingerprint is redone from its final fields
+        final = own.filter(changed).with_columns(
+            pl.coalesce(pl.col(c), pl.lit(here.get_column(c).filter(changed))).alias(c) for c in gaps
+        )
+        refilled = group_of.filter(keep).is_not_null().arg_true()  # the same survivors, in the same (row) order
+        merged = merged.with_columns(merged.get_column("fingerprint").scatter(refilled, _fingerprints(final)))
     return merged
 
 
