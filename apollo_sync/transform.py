@@ -885,18 +885,17 @@ def _merge_batch(rows: pl.DataFrame, groups: _Groups, offset: int) -> pl.DataFra
     if not gaps:
         return rows.filter(keep)
     changed = functools.reduce(operator.or_, (gap[c] for c in gaps))  # survivors that get some value
-    group_of = pl.repeat(None, rows.height, dtype=pl.UInt32, eager=True).alias("_group").scatter(
-        survivor_rows.filter(changed), pl.Series(range(here.height), dtype=pl.UInt32).filter(changed)
+    final = own.filter(changed).with_columns(  # their values once filled
+        pl.coalesce(pl.col(c), pl.lit(here.get_column(c).filter(changed))).alias(c) for c in gaps
     )
-    filled = [pl.coalesce(pl.col(c), pl.lit(here.get_column(c)).gather(pl.col("_group"))).alias(c) for c in gaps]
-    merged = rows.with_columns(group_of).lazy().filter(pl.lit(keep)).with_columns(filled).drop("_group").collect()
+    merged = rows.filter(keep)
+    # Where those survivors are once the dropped rows are gone; a scatter of a few values each costs less than
+    # coalescing whole columns.
+    refilled = keep.cast(pl.UInt32).cum_sum().gather(survivor_rows.filter(changed)) - 1
+    patched = [merged.get_column(c).scatter(refilled, final.get_column(c)) for c in gaps]
     if "fingerprint" in merged.columns:  # a filled survivor's fingerprint is redone from its final fields
-        final = own.filter(changed).with_columns(
-            pl.coalesce(pl.col(c), pl.lit(here.get_column(c).filter(changed))).alias(c) for c in gaps
-        )
-        refilled = group_of.filter(keep).is_not_null().arg_true()  # the same survivors, in the same (row) order
-        merged = merged.with_columns(merged.get_column("fingerprint").scatter(refilled, _fingerprints(final)))
-    return merged
+        patched.append(merged.get_column("fingerprint").scatter(refilled, _fingerprints(final)))
+    return merged.with_columns(patched)
 
 
 def _fingerprints(rows: pl.DataFrame) -> pl.Series:
