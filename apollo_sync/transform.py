@@ -325,6 +325,22 @@ def _without(frame: pl.DataFrame, *names: str) -> pl.DataFrame:
     return _pick(frame, *[c for c in frame.columns if c not in names])
 
 
+_SPARSE = "_sparse_"  # prefix: a column as read, to be built on its values only (see _on_values)
+
+
+def _sparse(values: pl.Series) -> bool:
+    """True when most of ``values`` are null: :func:`_on_values` then costs less than an expression over the column."""
+    return values.null_count() * 2 > values.len()
+
+
+def _on_values(values: pl.Series, build: Callable[[pl.Expr], pl.Expr]) -> pl.Series:
+    """``build`` over the non-null ``values`` only, scattered back (null elsewhere): ~25% less CPU than over the
+    whole column when 70-80% of it is null (LinkedIn, mobile phones in a CRM export)."""
+    rows = values.is_not_null().arg_true()
+    built = _select(values.gather(rows).to_frame("v"), build(pl.col("v")).alias("v")).to_series()
+    return pl.repeat(None, values.len(), dtype=built.dtype, eager=True).scatter(rows, built)
+
+
 def _select(frame: pl.DataFrame, *exprs: pl.Expr) -> pl.DataFrame:
     """``frame.select(*exprs)`` through the lazy engine: DataFrame.select ran single-threaded (measured 2x the wall
     time of the same lazy query on a 250k-row batch)."""
@@ -348,12 +364,21 @@ def _clean_batch(
     # The in-memory engine runs this wide select in ~15% less CPU than the streaming one; the narrower second pass
     # (and the fingerprints) the other way round (measured on 250k-row batches).
     cleaned = raw.lazy().select(_clean_exprs(raw, sources, mapping, phones)).collect(engine="in-memory")
-    # Second pass on the materialised clean text: each regex reads a column once.
+    # Second pass on the materialised clean text: each regex reads a column once. Mostly empty columns are worked
+    # on their values only: string kernels cost per row, null or not.
+    sparse = {n for n in phones if _sparse(cleaned.get_column(_PHONE_RAW + n))}
     cleaned = _with_columns(
         cleaned,
         ex.email_fast_valid(pl.col("email")).fill_null(False).alias("_email_fast"),
-        *[ex.phone_nanp_e164(pl.col(_PHONE_RAW + n), nanp_region=nanp).alias(n) for n in phones],
+        *[ex.phone_nanp_e164(pl.col(_PHONE_RAW + n), nanp_region=nanp).alias(n) for n in phones if n not in sparse],
     )
+    later = {
+        n: _on_values(cleaned.get_column(_PHONE_RAW + n), lambda e: ex.phone_nanp_e164(e, nanp_region=nanp)) for n in sparse
+    }
+    if _SPARSE + "linkedin_url" in cleaned.columns:
+        later["linkedin_url"] = _on_values(cleaned.get_column(_SPARSE + "linkedin_url"), ex.linkedin)
+        cleaned = _without(cleaned, _SPARSE + "linkedin_url")
+    cleaned = cleaned.with_columns(values.alias(name) for name, values in later.items())
     # Keep the rows as read only where a rejection is possible (their originals go to the report);
     # the rest are freed before the heavy steps. Fast-valid emails are never rejected.
     maybe_rejected = _select(
@@ -446,8 +471,14 @@ def _clean_exprs(
 
     website = ex.first_present(distinct("website_url", ex.website))
     out.append(_with_constant(website, constants.get("website_url")).alias("website_url"))
-    linkedin = ex.first_present(distinct("linkedin_url", ex.linkedin))
-    out.append(_with_constant(linkedin, constants.get("linkedin_url")).alias("linkedin_url"))
+    linkedin_cols = sources.get("linkedin_url", ())
+    if len(linkedin_cols) == 1 and "linkedin_url" not in constants and linkedin_cols[0] not in repeating and _sparse(
+        raw.get_column(linkedin_cols[0])
+    ):
+        out.append(pl.col(linkedin_cols[0]).alias(_SPARSE + "linkedin_url"))  # built on its values in the 2nd pass
+    else:
+        linkedin = ex.first_present(distinct("linkedin_url", ex.linkedin))
+        out.append(_with_constant(linkedin, constants.get("linkedin_url")).alias("linkedin_url"))
 
     label_lists = distinct("label_names", ex.labels)
     const_labels = constants.get("label_names")

@@ -416,14 +416,21 @@ def test_per_distinct_shortcuts_give_what_cleaning_every_row_gives(monkeypatch: 
         City=[None, " Austin ", "Paris", "a\x1f"] * (n // 4),  # "a\x1f" + "b" must not meet "a" + "\x1fb"
         State=["TX", None, "\x1fb"] * (n // 3),
         Country=[None, "USA", "France  ", "UK"] * (n // 4),
+        # Mostly empty: built on their values only, then scattered back.
+        LinkedIn=["linkedin.com/in/A/", None, None, None] * (n // 4),
+        Mobile=([None, " (469) 650-5107 ", None, "+44 20 7946 0958"] + [None] * 4 + ["12", None, None, None] * 2) * 3,
     )
     shortcut = prepare(df)
     monkeypatch.setattr(transform, "_hashes_are_exact", lambda hashes, nulls: False)  # as after a hash collision
     by_value = prepare(df)
     monkeypatch.setattr(transform, "_REPEATS", 10**9)  # nothing repeats enough: every row cleaned
+    monkeypatch.setattr(transform, "_sparse", lambda values: False)  # and built as a whole column
     every_row = prepare(df)
     assert_frame_equal(shortcut.contacts, every_row.contacts)
     assert_frame_equal(by_value.contacts, every_row.contacts)
+    assert shortcut.phones_dropped == every_row.phones_dropped == 6
+    assert shortcut.contacts.get_column("mobile_phone").drop_nulls().to_list() == ["+14696505107", "+442079460958"] * 3
+    assert shortcut.contacts.get_column("linkedin_url").drop_nulls().unique().to_list() == ["https://www.linkedin.com/in/a"]
     addresses = every_row.contacts.get_column("present_raw_address").to_list()
     assert addresses[:4] == ["TX", "Austin, USA", "Paris, \x1fb, France", "a\x1f, TX, UK"]
 
