@@ -146,12 +146,20 @@ def prepare(
     rows_read = phones_dropped = 0
     identity_keys: list[pl.DataFrame] = []  # per batch: (hash, row) of each identity, sorted by hash
     heights: list[int] = []
-    def clean(raw: pl.DataFrame) -> tuple[int, pl.DataFrame, pl.DataFrame, int, pl.DataFrame]:
+    def clean(batch: tuple[int, pl.DataFrame]) -> tuple[int, pl.DataFrame, pl.DataFrame, int, pl.DataFrame]:
+        offset, raw = batch
         cleaned, rejected, dropped = _clean_batch(raw, plan.sources, mapping, region)
-        return raw.height, cleaned, rejected, dropped, _identity_keys(cleaned)
+        return raw.height, cleaned, rejected, dropped, _identity_keys(cleaned, offset)
+
+    def numbered(batches: Iterator[pl.DataFrame]) -> Iterator[tuple[int, pl.DataFrame]]:
+        offset = 0
+        for raw in batches:
+            yield offset, raw
+            offset += raw.height
 
     with ThreadPoolExecutor(max_workers=_PIPELINE_DEPTH, thread_name_prefix="apollo-sync-prepare") as pool:
-        for height, cleaned, rejected, dropped, keys in _in_order(pool, clean, _batches(frame, lf, batch_rows)):
+        batches = numbered(_batches(frame, lf, batch_rows))
+        for height, cleaned, rejected, dropped, keys in _in_order(pool, clean, batches):
             rows_read += height
             phones_dropped += dropped
             parts.put("rejected", rejected)
@@ -557,12 +565,10 @@ def _position_in(distinct: pl.DataFrame, columns: list[str]) -> pl.Expr:
     of nulls, so such rows must find nothing) a distinct row and a row of nulls. Otherwise (odds ~n**2 / 2**65)
     the values themselves are matched.
     """
-    key = pl.col(columns[0]).hash()
-    for column in columns[1:]:  # u64 arithmetic wraps; ~2x cheaper than hashing a struct
-        key = key * pl.lit(0x9E3779B97F4A7C15, dtype=pl.UInt64) + pl.col(column).hash()
+    key = _row_key(columns)
     hashes = distinct.select(key).to_series()
-    has_null_row = distinct.select(pl.all_horizontal(pl.col(columns).is_null()).any()).item()
-    nulls = None if has_null_row else pl.DataFrame({c: [None] for c in columns}, schema=distinct.schema).select(key).item()
+    has_null_row = functools.reduce(operator.and_, (distinct.get_column(c).is_null() for c in columns)).any()
+    nulls = None if has_null_row else _null_row_key(len(columns))
     position = pl.Series(range(distinct.height), dtype=pl.UInt32)
     if _hashes_are_exact(hashes, nulls):
         return key.replace_strict(hashes, position, default=None, return_dtype=pl.UInt32)
@@ -578,6 +584,21 @@ def _position_in(distinct: pl.DataFrame, columns: list[str]) -> pl.Expr:
     )
     texts = distinct.select(joined).to_series()
     return joined.replace_strict(texts, position, default=None, return_dtype=pl.UInt32)
+
+
+def _row_key(columns: list[str]) -> pl.Expr:
+    """A 64-bit hash of each row's ``columns`` (u64 arithmetic wraps; ~2x cheaper than hashing a struct)."""
+    key = pl.col(columns[0]).hash()
+    for column in columns[1:]:
+        key = key * pl.lit(0x9E3779B97F4A7C15, dtype=pl.UInt64) + pl.col(column).hash()
+    return key
+
+
+@functools.cache
+def _null_row_key(width: int) -> int:
+    """The :func:`_row_key` of a row of ``width`` null strings."""
+    names = [f"c{i}" for i in range(width)]
+    return pl.DataFrame({c: [None] for c in names}, schema={c: pl.String for c in names}).select(_row_key(names)).item()
 
 
 def _hashes_are_exact(hashes: pl.Series, nulls: int | None) -> bool:
@@ -794,12 +815,13 @@ def _rejected(raw: pl.DataFrame, cleaned: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _identity_keys(cleaned: pl.DataFrame) -> pl.DataFrame:
-    """``h`` (an in-process 64-bit hash of the identity) and ``p`` (the row in the batch) of the rows that have an
-    identity (not rejected), sorted by ``h``: sorted in the batch's worker, they merge cheaply in the dedupe."""
+def _identity_keys(cleaned: pl.DataFrame, offset: int) -> pl.DataFrame:
+    """``h`` (an in-process 64-bit hash of the identity) and ``p`` (the row's position among all rows: the batch
+    starts at ``offset``) of the rows that have an identity (not rejected), sorted by ``h``: sorted in the batch's
+    worker, they merge cheaply in the dedupe."""
     return (
         cleaned.lazy()
-        .with_row_index("p")
+        .with_row_index("p", offset=offset)
         .filter(pl.col("identity").is_not_null())
         .select(pl.col("identity").hash().alias("h"), "p")
         .sort("h")
@@ -807,13 +829,11 @@ def _identity_keys(cleaned: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _maybe_duplicated(identity_keys: list[pl.DataFrame], offsets: list[int], total: int) -> pl.Series:
-    """True for each row (of ``total``, batches at ``offsets``) whose identity hash another row shares."""
+def _maybe_duplicated(identity_keys: list[pl.DataFrame], total: int) -> pl.Series:
+    """True for each row (of ``total``) whose identity hash another row shares."""
     if not total:
         return pl.Series(dtype=pl.Boolean)
-    keys = pl.concat(
-        [k.select("h", pl.col("p").cast(pl.UInt64) + offset) for k, offset in zip(identity_keys, offsets)]
-    ).sort("h")  # runs already sorted: ~3x faster than is_duplicated over the unsorted hashes
+    keys = pl.concat(identity_keys).sort("h")  # runs already sorted: ~3x faster than is_duplicated over the hashes
     h = keys.get_column("h")
     repeated = (h == h.shift(1)).fill_null(False) | (h == h.shift(-1)).fill_null(False)
     return pl.repeat(False, total, eager=True).scatter(keys.get_column("p").filter(repeated), True)
@@ -831,7 +851,7 @@ def _duplicate_groups(
     field in row order, computed one field at a time so only a column of the candidates is in memory at once.
     """
     offsets = [sum(heights[:i]) for i in range(len(heights))]
-    maybe_dup = _maybe_duplicated(identity_keys, offsets, sum(heights))
+    maybe_dup = _maybe_duplicated(identity_keys, sum(heights))
     keys = []
     for index, (offset, height) in enumerate(zip(offsets, heights)):
         mask = maybe_dup.slice(offset, height)
