@@ -829,14 +829,13 @@ def _identity_keys(cleaned: pl.DataFrame, offset: int) -> pl.DataFrame:
     )
 
 
-def _maybe_duplicated(identity_keys: list[pl.DataFrame], total: int) -> pl.Series:
-    """True for each row (of ``total``) whose identity hash another row shares."""
-    if not total:
-        return pl.Series(dtype=pl.Boolean)
+def _hash_groups(identity_keys: list[pl.DataFrame]) -> pl.DataFrame:
+    """``p`` (position) and ``_g`` (rows sharing an identity hash share it) of each row whose identity hash another
+    row shares, by position."""
     keys = pl.concat(identity_keys).sort("h")  # runs already sorted: ~3x faster than is_duplicated over the hashes
     h = keys.get_column("h")
     repeated = (h == h.shift(1)).fill_null(False) | (h == h.shift(-1)).fill_null(False)
-    return pl.repeat(False, total, eager=True).scatter(keys.get_column("p").filter(repeated), True)
+    return keys.filter(repeated).select("p", pl.col("h").rle_id().alias("_g")).sort("p")
 
 
 def _duplicate_groups(
@@ -845,35 +844,40 @@ def _duplicate_groups(
     """(duplicates frame, groups) for the cleaned rows of every batch, found across batches.
 
     ``identity_keys`` holds each batch's 64-bit identity hashes (:func:`_identity_keys`); only the rows whose hash
-    repeats somewhere are kept (with their global position ``_pos``, as ``candidates`` parts) and grouped on the
-    exact identity text, so a hash collision only costs a little work, never a merge. A group (one identity seen
-    more than once) has the positions of its rows (``_pos``, survivor first) and the first non-null value of each
-    field in row order, computed one field at a time so only a column of the candidates is in memory at once.
+    repeats somewhere are kept (with their global position ``_pos``, as ``candidates`` parts) and grouped by that
+    hash once every group is checked to hold one identity text; otherwise (a hash collision, odds ~n**2 / 2**65)
+    by the text itself, so a collision only costs a little work, never a merge. A group (one identity seen more
+    than once) has the positions of its rows (``_pos``, survivor first) and the first non-null value of each
+    field in row order, computed one field at a time from Parquet parts so only a column of the candidates is in
+    memory at once.
     """
     offsets = [sum(heights[:i]) for i in range(len(heights))]
-    maybe_dup = _maybe_duplicated(identity_keys, sum(heights))
+    hashed = _hash_groups(identity_keys)
+    positions = hashed.get_column("p")
     keys = []
     for index, (offset, height) in enumerate(zip(offsets, heights)):
-        mask = maybe_dup.slice(offset, height)
+        first, last = positions.search_sorted(offset), positions.search_sorted(offset + height)
         rows = parts.get("clean", index)
-        candidates = rows.with_row_index("_pos", offset=offset).filter(mask) if mask.any() else rows.head(0).with_row_index("_pos")
+        candidates = rows.with_row_index("_pos", offset=offset)[positions.slice(first, last - first) - offset]
         parts.put("candidates", candidates)
         keys.append(_pick(candidates, "_pos", "identity", SOURCE_ROW))
     fields = [c for c in candidates.columns if c not in (SOURCE_ROW, "identity", "_pos")]
     key_frame = pl.concat(keys, how="vertical") if len(keys) > 1 else keys[0]
     del keys
+    key_frame = key_frame.with_columns(hashed.get_column("_g"))  # both by position
+    one_text = key_frame.select((pl.col("identity") == pl.col("identity").first().over("_g")).all()).item()
+    if not one_text:
+        key_frame = key_frame.with_columns(pl.col("identity").rank("dense").cast(pl.UInt32).alias("_g"))
     groups = (
-        key_frame.group_by("identity", maintain_order=True)
+        key_frame.group_by("_g", maintain_order=True)  # groups in order of first appearance, like the rows
         .agg(pl.col("_pos"), pl.col(SOURCE_ROW).alias("_rows"))
         .filter(pl.col("_rows").list.len() > 1)
     )
+    # Each candidate row's group (null: its hash met another identity's, and its identity is unique).
+    group = key_frame.get_column("_g")
+    if groups.height < group.n_unique():
+        group = group.set(~group.is_in(groups.get_column("_g").implode()), None)
     del key_frame
-    # Each candidate row's group (groups are numbered in order of first appearance, like the rows).
-    group_of = (
-        groups.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_g"), "_pos").explode("_pos")
-    )
-    group = parts.column("candidates", ["_pos"]).join(group_of, on="_pos", how="left", maintain_order="left")
-    group = group.get_column("_g")  # null for a hash collision that is no duplicate
     firsts: dict[str, pl.Series] = {}
     # In memory every field at once; from Parquet parts one column at a time, to bound memory.
     for names in [fields] if parts.dir is None else [[name] for name in fields]:
@@ -891,7 +895,7 @@ def _duplicate_groups(
         .select(pl.col("_rows").alias(SOURCE_ROW), "email", "merged_into")
         .sort(SOURCE_ROW)
     )
-    return duplicates, _Groups.of(groups.drop("_rows", "identity"))
+    return duplicates, _Groups.of(groups.drop("_rows", "_g"))
 
 
 @dataclass(frozen=True)

@@ -172,3 +172,22 @@ def test_parquet_parts_through_plan_and_report_match_the_in_memory_run(export, t
     assert_frame_equal(pl.read_parquet(d_lazy / "results.parquet"), pl.read_parquet(d_eager / "results.parquet"))
     for csv in ("results.csv", "rejected.csv"):
         assert (d_lazy / csv).read_text() == (d_eager / csv).read_text()
+
+
+@pytest.mark.parametrize("bits", [0, 1])
+def test_identity_hash_collisions_never_merge_different_identities(export, monkeypatch, bits: int) -> None:
+    from apollo_sync import transform
+
+    df, truth = export
+    honest = prepare(df.lazy(), batch_rows=700)
+    real_keys = transform._identity_keys
+
+    def colliding(cleaned: pl.DataFrame, offset: int) -> pl.DataFrame:  # every hash folded to 1 or 2 values
+        keys = real_keys(cleaned, offset)
+        return keys.with_columns(pl.col("h") & ((1 << bits) - 1)).sort("h")
+
+    monkeypatch.setattr(transform, "_identity_keys", colliding)
+    collided = prepare(df.lazy(), batch_rows=700)
+    for name in ("contacts", "rejected", "duplicates"):
+        assert_frame_equal(getattr(collided, name), getattr(honest, name))
+    assert collided.duplicates.height == truth["duplicates_in_source"]
