@@ -745,8 +745,10 @@ def _phones_e164(texts: pl.Series, region: str) -> pl.Series:
 
 def _country_rules(phones: pl.Series) -> dict[str, ex.CountryRule]:
     """phonenumbers' rules for the calling codes that ``+...`` phones among ``phones`` may start with."""
-    heads = phones.str.extract(r"^\+(\d{1,3})", 1).drop_nulls().unique().to_list()
-    wanted = {h[:size] for h in heads for size in (1, 2, 3) if len(h) >= size}
+    # The three characters after a "+" (a slice: a regex capture cost ~5x more), then their leading digits.
+    heads = phones.filter(phones.str.starts_with("+")).str.slice(1, 3).unique().to_list()
+    digits = [h[: next((i for i, ch in enumerate(h) if ch not in "0123456789"), len(h))] for h in heads]
+    wanted = {d[:size] for d in digits for size in (1, 2, 3) if len(d) >= size}
     rules: dict[str, ex.CountryRule] = {}
     for code in sorted(wanted):
         rule = _country_rule(int(code)) if code[0] != "0" else None
