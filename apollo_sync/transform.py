@@ -17,11 +17,15 @@
    tells a re-run what changed. The JSON body is written only at load time, for the rows sent.
 
 Library calls happen once per distinct value and only for values the vectorised fast paths do not decide.
+Columns that repeat a lot (names, titles, companies, websites, labels, city/state/country) are cleaned once per
+distinct value and mapped back by a verified 64-bit hash; mostly empty ones (LinkedIn, mobile) on their values only.
 
-Steps 1-3 run on batches of :data:`BATCH_ROWS` rows (a LazyFrame is read through the streaming engine); the
-dedupe then works across batches from a 64-bit hash per row, reading back only the rows whose hash
-repeats; step 5 runs per batch again, and drops the rejected rows and the duplicates in one filter. With ``out_dir`` every intermediate and result is a Parquet part on disk
-and the Prepared holds LazyFrames, which bounds memory on 10M-row sources (bench/bench_dry_run.py).
+Steps 1-3 run on batches of :data:`BATCH_ROWS` rows (a LazyFrame is read through the streaming engine, the
+first batch short), two batches at once in threads. The dedupe then works across batches from each batch's
+identity hashes, sorted in its worker, reading back only the rows whose hash repeats; the merge runs per batch
+again and drops the rejected rows and the duplicates in one filter. With ``out_dir`` every intermediate and
+result is a Parquet part on disk and the Prepared holds LazyFrames, which bounds memory on 10M-row sources
+(bench/bench_dry_run.py). How fast, and why it is built so: BENCHMARKS.md ("The transform").
 :func:`apollo_sync.report.escape_for_spreadsheet` makes a frame safe to open in a spreadsheet (formula injection).
 """
 
@@ -126,8 +130,9 @@ def prepare(
     The frame is read ``batch_rows`` at a time (a LazyFrame through the streaming engine), so memory is
     bounded by a batch plus the cleaned rows. With ``out_dir`` the cleaned rows and the three results go to
     Parquet files there instead (``contacts-*.parquet``, ``rejected-*.parquet``, ``duplicates-*.parquet``,
-    then :data:`DONE_MARKER`) and the Prepared's frames are LazyFrames scanning them: memory then holds one
-    batch, a 64-bit hash per valid row and the rows whose identity repeats. The results are the same either way.
+    then :data:`DONE_MARKER`) and the Prepared's frames are LazyFrames scanning them: memory then holds two
+    batches, 12 bytes a row (identity hash and position) and the rows whose identity repeats. The results are
+    the same either way.
     """
     region = phone_region.upper()
     if phonenumbers.country_code_for_region(region) == 0:
