@@ -151,6 +151,7 @@ def prepare(
     rows_read = phones_dropped = 0
     identity_keys: list[pl.DataFrame] = []  # per batch: (hash, row) of each identity, sorted by hash
     heights: list[int] = []
+
     def clean(batch: tuple[int, pl.DataFrame]) -> tuple[int, pl.DataFrame, pl.DataFrame, int, pl.DataFrame]:
         offset, raw = batch
         cleaned, rejected, dropped = _clean_batch(raw, plan.sources, mapping, region)
@@ -178,7 +179,8 @@ def prepare(
         parts.put("duplicates", duplicates)
 
         def finish(index: int) -> pl.DataFrame:
-            rows = parts.take("clean", index).with_columns(fingerprints[index].result())
+            fingerprint = fingerprints[index].result()  # before take(): that removes the part the fingerprints read
+            rows = parts.take("clean", index).with_columns(fingerprint)
             return _contact_columns(_merge_batch(rows, groups, offsets[index]))
 
         for contacts in _in_order(pool, finish, range(len(heights))):
