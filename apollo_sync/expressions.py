@@ -55,15 +55,21 @@ def normalized_email(expr: pl.Expr) -> pl.Expr:
     return clean_text(expr).str.to_lowercase()
 
 
+_RESERVED_LABEL = r"[@.][a-z0-9]{2}--"
+"""Two characters then ``--`` at the start of a label: Punycode (``xn--``) or reserved; email-validator decides."""
+
+
 def email_fast_valid(expr: pl.Expr) -> pl.Expr:
     """True where a (normalised) email is certainly valid without asking email-validator.
 
-    False means "not decided here", not "invalid": those values go to email-validator.
+    False means "not decided here", not "invalid": those values go to email-validator. Left to it as well:
+    two characters and two dashes after the @ or a dot (``xn--`` Punycode, and labels such as ``ab--c`` that
+    email-validator rejects as reserved), and the special-use domains.
     """
     return (
         expr.str.contains(EMAIL_FAST_VALID)
         & (expr.str.len_bytes() <= EMAIL_MAX_LENGTH)
-        & ~expr.str.contains(f"xn--|{SPECIAL_USE_SUFFIX}")
+        & ~expr.str.contains(f"{_RESERVED_LABEL}|{SPECIAL_USE_SUFFIX}")
     )
 
 
@@ -98,8 +104,8 @@ def phone_nanp_e164(expr: pl.Expr, *, nanp_region: bool) -> pl.Expr:
 
     For these shapes phonenumbers gives "+1" + the 10 digits (an extension is dropped by E.164) and the
     length is possible; the property test checks that. ``nanp_region``: the default region dials with
-    country code 1 (US, CA...). One regex pass captures the digit groups (measured ~3x faster than a
-    shape check followed by digit extraction).
+    country code 1 (US, CA...). One regex pass captures the digit groups (measured as fast as a shape
+    check followed by digit extraction, ~35 ms CPU per 250k phones: the floor of this path, not a gain).
     """
     parts = expr.str.extract_groups(PHONE_NANP_NATIONAL if nanp_region else PHONE_NANP_INTERNATIONAL)
     area = pl.coalesce(parts.struct.field("1"), parts.struct.field("2"))
@@ -198,7 +204,8 @@ def linkedin(expr: pl.Expr) -> pl.Expr:
     """A LinkedIn URL as ``https://www.linkedin.com/<path>`` without query or trailing slash; null if not LinkedIn.
 
     The whole match is extracted, then split at the host: a capture group for the path made the regex engine
-    track positions byte by byte (measured ~3x slower on 250k rows).
+    track positions byte by byte (that extract measured ~3x slower; the whole expression 42 -> 28 ms CPU on 250k
+    rows).
     """
     whole = expr.str.to_lowercase().str.extract(_LINKEDIN, 0)  # lower-case first: (?i) costs ~3x more
     path = whole.str.splitn("linkedin.com", 2).struct.field("field_1").str.strip_chars_end("/")

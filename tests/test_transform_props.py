@@ -68,6 +68,7 @@ EMAIL_EDGES = [
     "a@" + ".".join(["x" * 60] * 4) + ".com", "a@b.c0m", "a@b.c", "a@b.onion", "a@b.local", "a@b.test",
     "a@xn--p1ai.com", "o'brien@b.com", "søren.müller@b.com", "e\u0301@b.com", "\u00d7@b.com", "ǆ@b.com", "a+b%c@b-c.co.uk", "a.b@c.com", ".a@c.com", "a.@c.com", "a..b@c.com",
     "a@-b.com", "a@b-.com", "a@b..com", "a@@b.com", "a b@c.com", "zoë@b.com", "a@bücher.de", "\"a\"@b.com",
+    "0@00--0.com", "a@x.ab--c.com", "a@abc--d.com", "ab--c@x.com", "a@xn--abc.com",  # reserved "??--" labels
 ]
 
 
