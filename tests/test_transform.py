@@ -430,7 +430,8 @@ def test_per_distinct_shortcuts_give_what_cleaning_every_row_gives(monkeypatch: 
     assert_frame_equal(by_value.contacts, every_row.contacts)
     assert shortcut.phones_dropped == every_row.phones_dropped == 6
     assert shortcut.contacts.get_column("mobile_phone").drop_nulls().to_list() == ["+14696505107", "+442079460958"] * 3
-    assert shortcut.contacts.get_column("linkedin_url").drop_nulls().unique().to_list() == ["https://www.linkedin.com/in/a"]
+    linkedin = shortcut.contacts.get_column("linkedin_url").drop_nulls().unique().to_list()
+    assert linkedin == ["https://www.linkedin.com/in/a"]
     addresses = every_row.contacts.get_column("present_raw_address").to_list()
     assert addresses[:4] == ["TX", "Austin, USA", "Paris, \x1fb, France", "a\x1f, TX, UK"]
 
