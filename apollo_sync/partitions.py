@@ -25,14 +25,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import polars as pl
 
-from apollo_sync import sources
-from apollo_sync.redact import redact_url
 from apollo_sync.errors import InputError
+from apollo_sync.redact import redact_url
 from apollo_sync.report import SUMMARY_FILE
 from apollo_sync.settings import SOURCE_ROW
+from apollo_sync.sources import SQL_SCHEMES, SourceOptions, expand_files, has_glob, read_source, scheme_of
+from apollo_sync.sources.sql import (
+    connect,
+    driver_message,
+    is_identifier,
+    quote_identifier,
+    quote_literal,
+    scrub,
+    table_query,
+)
 
 MAX_PARTITIONS = 1000
 """More partitions than this is almost surely a mistake (each is a flow run with its own start-up cost)."""
@@ -65,14 +75,14 @@ def plan_partitions(
     partition_column: str | None = None,
     partitions: int | None = None,
     split_dir: str | Path | None = None,
-    options: sources.SourceOptions = sources.SourceOptions(),
+    options: SourceOptions = SourceOptions(),
 ) -> list[Partition]:
     """The partitions of ``source`` (see the module docstring); raises :class:`InputError` for what cannot split."""
     source = (source or "").strip()
     if partitions is not None and not 1 <= partitions <= MAX_PARTITIONS:
         raise InputError(f"partitions must be 1 to {MAX_PARTITIONS}, got {partitions}")
-    scheme = sources._scheme(source)
-    if scheme in sources.SQL_SCHEMES:
+    scheme = scheme_of(source)
+    if scheme in SQL_SCHEMES:
         if not (query and partition_column and partitions):
             raise InputError("a SQL source splits by key ranges: pass query, partition_column and partitions")
         return sql_partitions(source, query, partition_column, partitions)
@@ -80,8 +90,8 @@ def plan_partitions(
         raise InputError("query and partition_column work only with sqlite:/// and postgresql:// sources")
     if scheme and scheme != "file":
         raise InputError(f"cannot partition a {scheme}:// source: use a glob of files or a SQL table")
-    if sources._MAGIC_CHARS.search(source):
-        files = sources._expand(source)
+    if has_glob(source):
+        files = expand_files(source)
         return [Partition(i, str(path), path.name) for i, path in enumerate(files)]
     if not partitions:
         raise InputError(f"{source} is one file: pass partitions N to split it in N row ranges, or use a glob")
@@ -96,9 +106,9 @@ def plan_partitions(
 def sql_partitions(url: str, query: str, column: str, n: int) -> list[Partition]:
     """``n`` key ranges of ``column`` over ``query``'s rows, as one query per partition."""
     base = query.strip().rstrip(";").strip()
-    if sources._IDENTIFIER.match(base):
-        base = "SELECT * FROM " + ".".join(sources._quote_identifier(p) for p in base.split("."))
-    key = sources._quote_identifier(column)
+    if is_identifier(base):
+        base = table_query(base)
+    key = quote_identifier(column)
     bounds = _tile_bounds(url, base, column, n)
     inner = f"SELECT * FROM ({base}) AS apollo_sync_partition"
     parts = []
@@ -122,17 +132,14 @@ def _tile_bounds(url: str, base: str, column: str, n: int) -> list[object]:
     """The greatest key of each non-empty NTILE(n) tile, ascending (fewer than n when there are fewer keys)."""
     import adbc_driver_manager
 
-    key = sources._quote_identifier(column)
-
-    scheme = sources._scheme(url)
-    kind = "sqlite" if scheme == "sqlite" else "postgresql"
+    key = quote_identifier(column)
     sql = (
         f"SELECT MAX(k) FROM (SELECT {key} AS k, NTILE({int(n)}) OVER (ORDER BY {key}) AS tile "
         f"FROM ({base}) AS apollo_sync_source WHERE {key} IS NOT NULL) AS tiles GROUP BY tile ORDER BY tile"
     )
     shown = redact_url(url)
     try:
-        conn = sources._connect(url, kind)
+        conn = connect(url)
     except adbc_driver_manager.Error as exc:
         raise InputError(f"cannot connect to {shown}: {_scrubbed(exc, url)}; check the URL") from None
     try:
@@ -155,9 +162,7 @@ def _tile_bounds(url: str, base: str, column: str, n: int) -> list[object]:
 
 
 def _scrubbed(exc: BaseException, url: str) -> str:
-    from urllib.parse import urlsplit
-
-    return sources._scrub(sources._adbc_message(exc), urlsplit(url).password)
+    return scrub(driver_message(exc), urlsplit(url).password)
 
 
 def _literal(value: object) -> str:
@@ -166,7 +171,7 @@ def _literal(value: object) -> str:
         return "TRUE" if value else "FALSE"
     if isinstance(value, (int, Decimal)) or (isinstance(value, float) and math.isfinite(value)):
         return repr(value) if isinstance(value, float) else str(value)
-    return sources._quote_literal(str(value))
+    return quote_literal(str(value))
 
 
 # --- Row ranges of one file -------------------------------------------------------------------------------
@@ -184,9 +189,9 @@ def row_ranges(total: int, n: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def split_file(spec: str, n: int, split_dir: str | Path, options: sources.SourceOptions = sources.SourceOptions()) -> list[Partition]:
+def split_file(spec: str, n: int, split_dir: str | Path, options: SourceOptions = SourceOptions()) -> list[Partition]:
     """Write ``spec``'s rows as ``n`` Parquet parts under ``split_dir`` (text columns, as read); one partition each."""
-    src = sources.read_source(spec, options)
+    src = read_source(spec, options)
     out = Path(split_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
