@@ -33,7 +33,7 @@ import httpx
 import polars as pl
 
 from apollo_sync.client import ApolloClient
-from apollo_sync.ledger import Ledger, target_for
+from apollo_sync.ledger import open_ledger, target_for
 from apollo_sync.loader import LoadSession
 from apollo_sync.pacing import Pacer
 from apollo_sync.sandbox import SandboxConfig, SandboxProcess, SandboxServer
@@ -155,7 +155,7 @@ async def _plain_loop(base_url: str, frame: pl.DataFrame, concurrency: int, chun
 
 
 async def _loader(base_url: str, frame: pl.DataFrame, concurrency: int, chunk_size: int, state_dir: str | None) -> int:
-    ledger = Ledger.open(state_dir) if state_dir else None
+    ledger = open_ledger(state_dir) if state_dir else None
     target = target_for(base_url)
     try:
         to_send = ledger.plan(target, frame)[0] if ledger else frame
@@ -213,7 +213,7 @@ def bench_ledger_plan(quick: bool) -> dict:
     n = 200_000 if quick else 1_000_000
     frame = contacts(n)
     with tempfile.TemporaryDirectory(prefix="apollo-sync-bench-") as state:
-        with Ledger.open(state) as ledger:
+        with open_ledger(state) as ledger:
             half = frame.filter(pl.col("source_row") % 2 == 0)
             t0 = time.perf_counter()
             ledger.mark_pending("bench", half, "r")

@@ -26,7 +26,7 @@ from apollo_sync import settings
 from flows.params import form
 from apollo_sync.client import ApolloClient
 from apollo_sync.errors import ApolloSyncError, RunStopped
-from apollo_sync.ledger import Ledger, target_for
+from apollo_sync.ledger import Ledger, open_ledger, target_for
 from apollo_sync.loader import LoadSession
 from apollo_sync.pacing import Pacer
 from apollo_sync.redact import redact_url
@@ -120,7 +120,7 @@ async def sync_contacts(
     target = target_for(base_url)
     report_path = report_dir or str(state / "runs" / time.strftime("%Y%m%dT%H%M%S"))
 
-    ledger = Ledger.open(state, state_url)
+    ledger = open_ledger(state, state_url)
     try:
         mark_key = _cursor_mark_key(target, source, query, cursor_column) if cursor_column else None
         options = SourceOptions(

@@ -10,7 +10,7 @@ from typing import Any
 import polars as pl
 
 from apollo_sync.client import ApolloClient
-from apollo_sync.ledger import Ledger, target_for
+from apollo_sync.ledger import open_ledger, target_for
 from apollo_sync.loader import GroupResult, LoadSession
 from apollo_sync.pacing import Pacer
 
@@ -42,7 +42,7 @@ async def plan_and_load(
     full_refresh: bool = False, **session: Any,
 ) -> tuple[GroupResult, LoadSession, pl.DataFrame]:
     """Plan against the ledger (if any), load what is to send; returns (result, session, unchanged)."""
-    ledger = Ledger.open(state_dir) if state_dir is not None else None
+    ledger = open_ledger(state_dir) if state_dir is not None else None
     target = target_for(base_url)
     try:
         if ledger is not None:

@@ -9,7 +9,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from apollo_sync.errors import InputError
-from apollo_sync.ledger import LEDGER_FILE, Ledger, target_for
+from apollo_sync.ledger import LEDGER_FILE, open_ledger, target_for
 
 T = target_for("http://127.0.0.1:9/apis/v1/apollo")
 
@@ -27,7 +27,7 @@ def outcomes(rows):
 
 @pytest.fixture
 def ledger(tmp_path):
-    with Ledger.open(tmp_path / "state") as led:
+    with open_ledger(tmp_path / "state") as led:
         yield led
 
 
@@ -87,10 +87,10 @@ def test_failed_after_created_keeps_the_apollo_id(ledger, tmp_path):
 
 
 def test_survives_reopen_and_uses_wal(tmp_path):
-    with Ledger.open(tmp_path) as led:
+    with open_ledger(tmp_path) as led:
         led.record(T, outcomes([("email:a", "1", "created", "A")]), "r")
         led.set_mark("sql:cursor", "2024-01-01")
-    with Ledger.open(tmp_path) as led:
+    with open_ledger(tmp_path) as led:
         assert led.plan(T, frame([("email:a", "1")]))[1].height == 1
         assert led.get_mark("sql:cursor") == "2024-01-01"
         assert led.get_mark("missing") is None
@@ -117,4 +117,4 @@ def test_unwritable_state_dir_is_an_input_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(InputError, match="state-dir"):
-        Ledger.open(blocker / "sub")
+        open_ledger(blocker / "sub")

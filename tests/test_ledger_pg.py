@@ -1,6 +1,6 @@
 """The shared ledger: PostgresLedger keeps SQLiteLedger's semantics, and claims hold on both.
 
-Every semantic test runs on both backends (``any_ledger``); PostgreSQL is the real server from tests/services.py.
+Every semantic test runs on both backends (``state_url``); PostgreSQL is the real server from tests/services.py.
 The claim race runs in threads with one connection each, as two workers would.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,8 +20,7 @@ import pytest
 
 from apollo_sync.client import ApolloClient
 from apollo_sync.errors import InputError
-from apollo_sync.ledger import Ledger, target_for
-from apollo_sync.ledger_pg import PostgresLedger
+from apollo_sync.ledger import LEDGER_FILE, Ledger, PostgresLedger, open_ledger, target_for
 from apollo_sync.loader import LoadSession
 from apollo_sync.pacing import Pacer
 from loader_helpers import make_contacts, stored_emails
@@ -53,13 +53,18 @@ def pg_url(postgres):  # noqa: F811
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def open_ledger(request, tmp_path):
-    """``open_ledger()`` -> a new connection to the same ledger (each like a separate worker)."""
-    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+def state_url(request) -> str | None:
+    """Each semantic test runs twice: on the SQLite ledger (None) and on a fresh PostgreSQL database."""
+    return request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+
+
+@pytest.fixture
+def new_ledger(state_url, tmp_path):
+    """``new_ledger()`` -> a new connection to the same ledger (each like a separate worker)."""
     opened: list[Ledger] = []
 
     def make() -> Ledger:
-        ledger = Ledger.open(tmp_path / "state", url)
+        ledger = open_ledger(tmp_path / "state", state_url)
         opened.append(ledger)
         return ledger
 
@@ -69,19 +74,19 @@ def open_ledger(request, tmp_path):
 
 
 def test_open_with_a_url_gives_postgres_and_the_password_is_nowhere(pg_url):
-    with Ledger.open("unused", pg_url) as ledger:
+    with open_ledger("unused", pg_url) as ledger:
         assert isinstance(ledger, PostgresLedger)
         assert PG_PASSWORD not in repr(ledger) and "apollo@" in repr(ledger)
     bad = pg_url.replace(PG_PASSWORD, "wrong-" + PG_PASSWORD)
     with pytest.raises(InputError, match="state-url") as info:
-        Ledger.open("unused", bad)
+        open_ledger("unused", bad)
     assert PG_PASSWORD not in str(info.value)
     with pytest.raises(InputError, match="postgresql://"):
         PostgresLedger("mysql://u:pw@h/db")
 
 
-def test_plan_record_and_marks_behave_the_same(open_ledger):
-    ledger = open_ledger()
+def test_plan_record_and_marks_behave_the_same(new_ledger):
+    ledger = new_ledger()
     ledger.mark_pending(T, frame([("email:a", "1"), ("email:b", "2"), ("email:c", "3")]), "run1")
     ledger.record(T, outcomes([("email:a", "1", "created", "A"), ("email:b", "2", "existing", "B"),
                                ("email:c", "3", "failed", None)]), "run1")  # fmt: skip
@@ -94,11 +99,11 @@ def test_plan_record_and_marks_behave_the_same(open_ledger):
     assert ledger.get_mark("cursor:x") is None
     ledger.set_mark("cursor:x", "2026-01-01")
     ledger.set_mark("cursor:x", "2026-02-01")
-    assert open_ledger().get_mark("cursor:x") == "2026-02-01"
+    assert new_ledger().get_mark("cursor:x") == "2026-02-01"
 
 
-def test_a_live_runs_claim_is_refused_to_another_run(open_ledger):
-    first, second = open_ledger(), open_ledger()
+def test_a_live_runs_claim_is_refused_to_another_run(new_ledger):
+    first, second = new_ledger(), new_ledger()
     rows = frame([("email:a", "1"), ("email:b", "2")])
     got = first.claim(T, rows, "run-1")
     assert got.claimed == {"email:a", "email:b"} and not got.seen and not got.refused
@@ -108,8 +113,8 @@ def test_a_live_runs_claim_is_refused_to_another_run(open_ledger):
     assert again.claimed == {"email:a", "email:b"} and again.seen == {"email:a", "email:b"}
 
 
-def test_a_finished_runs_pending_rows_are_taken_over_and_sent_with_dedupe(open_ledger):
-    first, second = open_ledger(), open_ledger()
+def test_a_finished_runs_pending_rows_are_taken_over_and_sent_with_dedupe(new_ledger):
+    first, second = new_ledger(), new_ledger()
     first.claim(T, frame([("email:a", "1")]), "run-1")
     first.record(T, outcomes([("email:a", "1", "unconfirmed", None)]), "run-1")
     first.close()  # closing finishes the run: its unconfirmed row is free at once
@@ -117,8 +122,8 @@ def test_a_finished_runs_pending_rows_are_taken_over_and_sent_with_dedupe(open_l
     assert got.claimed == {"email:a"} and got.seen == {"email:a"}
 
 
-def test_an_expired_lease_is_taken_over(open_ledger):
-    first, second = open_ledger(), open_ledger()
+def test_an_expired_lease_is_taken_over(new_ledger):
+    first, second = new_ledger(), new_ledger()
     first.claim(T, frame([("email:a", "1")]), "run-1")
     second.lease_seconds = 30
     assert second.claim(T, frame([("email:a", "1")]), "run-2").refused == {"email:a": "run-1"}
@@ -127,28 +132,34 @@ def test_an_expired_lease_is_taken_over(open_ledger):
     assert got.claimed == {"email:a"} and got.seen == {"email:a"}
 
 
-def test_a_run_killed_on_this_host_is_dead_at_once(open_ledger, tmp_path):
+def test_a_run_killed_on_this_host_is_dead_at_once(new_ledger, state_url, tmp_path):
     """A holder on this host whose process is gone does not block for the whole lease."""
-    first = open_ledger()
+    first = new_ledger()
     first.claim(T, frame([("email:a", "1")]), "run-1")
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(child.stdout)
-    _set_pid(first, "run-1", dead_pid)
-    got = open_ledger().claim(T, frame([("email:a", "1")]), "run-2")
+    _set_pid(state_url, tmp_path / "state", "run-1", dead_pid)
+    got = new_ledger().claim(T, frame([("email:a", "1")]), "run-2")
     assert got.claimed == {"email:a"} and got.seen == {"email:a"}
 
 
-def _set_pid(ledger: Ledger, run_id: str, pid: int) -> None:
-    if isinstance(ledger, PostgresLedger):
-        ledger._db.execute("UPDATE sync_runs SET pid = %s WHERE run_id = %s", (pid, run_id))
+def _set_pid(state_url: str | None, state_dir, run_id: str, pid: int) -> None:
+    """Rewrite a run's pid from a connection of its own, as if that run had been a process now gone."""
+    if state_url:
+        import psycopg
+
+        with psycopg.connect(state_url, autocommit=True) as conn:
+            conn.execute("UPDATE sync_runs SET pid = %s WHERE run_id = %s", (pid, run_id))
     else:
-        ledger._db.execute("UPDATE sync_runs SET pid = ? WHERE run_id = ?", (pid, run_id))
+        with sqlite3.connect(state_dir / LEDGER_FILE) as conn:
+            conn.execute("UPDATE sync_runs SET pid = ? WHERE run_id = ?", (pid, run_id))
+        conn.close()
 
 
-def test_content_another_run_confirmed_during_this_run_is_not_sent_again(open_ledger):
+def test_content_another_run_confirmed_during_this_run_is_not_sent_again(new_ledger):
     """Even on a full refresh, where plan() sends confirmed rows again, a row another partition confirmed
     after this run planned is refused; one confirmed before the plan is claimed (and deduped)."""
-    first, second = open_ledger(), open_ledger()
+    first, second = new_ledger(), new_ledger()
     first.claim(T, frame([("email:old", "1")]), "run-0")
     first.record(T, outcomes([("email:old", "1", "created", "X")]), "run-0")
     second.plan(T, frame([("email:old", "1"), ("email:a", "1")]), full_refresh=True)
@@ -162,9 +173,9 @@ def test_content_another_run_confirmed_during_this_run_is_not_sent_again(open_le
     assert changed.claimed == {"email:a"} and changed.seen == {"email:a"}
 
 
-def test_racing_claims_give_each_identity_to_one_run(open_ledger):
+def test_racing_claims_give_each_identity_to_one_run(new_ledger):
     n, runs = 400, 4
-    ledgers = [open_ledger() for _ in range(runs)]
+    ledgers = [new_ledger() for _ in range(runs)]
     rows = frame([(f"email:{i}", "1") for i in range(n)])
     barrier = threading.Barrier(runs)
     claims: dict[str, list[frozenset[str]]] = {f"run-{k}": [] for k in range(runs)}
@@ -184,14 +195,14 @@ def test_racing_claims_give_each_identity_to_one_run(open_ledger):
     assert len(owners) == n and set(owners.values()) == {1}
 
 
-def test_two_loaders_over_overlapping_rows_send_each_contact_once(open_ledger, sandbox):
+def test_two_loaders_over_overlapping_rows_send_each_contact_once(new_ledger, sandbox):
     """The loader end to end: overlapping halves loaded at once by two sessions on one ledger."""
     contacts = make_contacts(300)
     parts = [contacts.slice(0, 200), contacts.slice(100, 200)]  # rows 100-199 are in both
     target = target_for(sandbox.gateway_base_url)
 
     async def load(part: pl.DataFrame, run_id: str):
-        ledger = open_ledger()
+        ledger = new_ledger()
         to_send, _ = ledger.plan(target, part)
         async with ApolloClient(sandbox.gateway_base_url, "sandbox-key") as client:
             session = LoadSession(client, Pacer(), ledger, target=target, run_id=run_id, chunk_size=10,
@@ -214,8 +225,8 @@ def test_two_loaders_over_overlapping_rows_send_each_contact_once(open_ledger, s
     assert os.environ.get("APOLLO_API_KEY") is None
 
 
-def test_an_identity_twice_in_one_batch_is_claimed_and_recorded_once(open_ledger):
-    ledger = open_ledger()
+def test_an_identity_twice_in_one_batch_is_claimed_and_recorded_once(new_ledger):
+    ledger = new_ledger()
     got = ledger.claim(T, frame([("email:a", "1"), ("email:a", "1"), ("email:b", "2")]), "run-1")
     assert got.claimed == {"email:a", "email:b"} and not got.refused
     ledger.record(T, outcomes([("email:a", "1", "created", "A"), ("email:a", "1", "existing", "A")]), "run-1")

@@ -13,7 +13,7 @@ from loader_helpers import make_contacts, plan_and_load, stored_emails
 
 from apollo_sync.client import ApolloClient
 from apollo_sync.errors import AuthError, InputError, Unreachable
-from apollo_sync.ledger import Ledger, target_for
+from apollo_sync.ledger import open_ledger, target_for
 from apollo_sync.loader import OUTCOMES_SCHEMA, LoadSession
 from apollo_sync.pacing import Pacer
 
@@ -70,7 +70,7 @@ def test_unknown_outcome_retries_with_dedupe_even_when_the_user_turned_it_off(sa
     assert result.outcomes["reason"].str.contains("500").all()
     assert sorted(stored_emails(sb)) == sorted(make_contacts(150)["email"])  # stored once despite 3 attempts
     assert session.stats.requests == 6 and session.stats.retries == 4 and session.stats.dedupe_forced == 4
-    assert Ledger.open(tmp_path).status_counts(target_for(sb.gateway_base_url)) == {"pending": 150}
+    assert open_ledger(tmp_path).status_counts(target_for(sb.gateway_base_url)) == {"pending": 150}
 
 
 def test_unconfirmed_rows_land_exactly_once_on_the_next_run(sandbox_factory, tmp_path):
@@ -96,7 +96,7 @@ def test_422_bisects_to_the_offending_rows_and_the_rest_land(sandbox, tmp_path):
     assert result.outcomes.filter(pl.col("outcome") == "created").height == 98
     assert len(stored_emails(sandbox)) == 98
     assert session.stats.bisections >= 2 and session.stats.failed == 2
-    counts = Ledger.open(tmp_path).status_counts(target_for(sandbox.gateway_base_url))
+    counts = open_ledger(tmp_path).status_counts(target_for(sandbox.gateway_base_url))
     assert counts == {"created": 98, "failed": 2}
 
 
@@ -111,7 +111,7 @@ def test_401_stops_at_once_with_an_outcome_for_every_row(sandbox, tmp_path):
     assert outcomes["reason"].str.contains("not sent").all()
     assert sandbox.contacts() == []
     # Rows of the first wave were marked pending and are now failed; the rest never touched the ledger.
-    counts = Ledger.open(tmp_path).status_counts(target_for(sandbox.gateway_base_url))
+    counts = open_ledger(tmp_path).status_counts(target_for(sandbox.gateway_base_url))
     assert set(counts) == {"failed"} and counts["failed"] <= 300
 
 
@@ -165,7 +165,7 @@ def test_hooks_are_called_and_stats_accumulate_over_calls(sandbox, tmp_path):
         before.append(1)
 
     async def scenario():
-        ledger = Ledger.open(tmp_path)
+        ledger = open_ledger(tmp_path)
         target = target_for(sandbox.gateway_base_url)
         async with ApolloClient(sandbox.gateway_base_url, "sandbox-key") as client:
             session = LoadSession(client, Pacer(), ledger, target=target, chunk_size=10, run_id="r",
@@ -218,7 +218,7 @@ def test_a_row_missing_from_the_answer_is_unconfirmed_and_stays_pending(tmp_path
         return httpx.Response(200, json={"created_contacts": answer, "existing_contacts": []})
 
     async def scenario():
-        ledger = Ledger.open(tmp_path)
+        ledger = open_ledger(tmp_path)
         async with ApolloClient("https://gw.test/apis/v1/apollo", "k", transport=httpx.MockTransport(handler)) as client:
             session = LoadSession(client, Pacer(), ledger, target="t", chunk_size=3)
             result = await session.load(session.make_chunks(make_contacts(6)))

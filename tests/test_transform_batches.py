@@ -143,12 +143,12 @@ def test_payload_escapes_only_where_needed_and_reads_back_exactly() -> None:
 
 def test_parquet_parts_through_plan_and_report_match_the_in_memory_run(export, tmp_path: Path) -> None:
     """The dry run's path on lazy parts (plan, results, summary, report files) equals the eager one."""
-    from apollo_sync.ledger import Ledger
+    from apollo_sync.ledger import open_ledger
     from apollo_sync.report import build_summary, results_frame, write_report
 
     df, truth = export
     eager, lazy = prepare(df), prepare(df.lazy(), out_dir=tmp_path / "parts", batch_rows=800)
-    ledger = Ledger.open(tmp_path / "state")
+    ledger = open_ledger(tmp_path / "state")
     try:
         some = eager.contacts.head(500).select("identity", "fingerprint", pl.lit("created").alias("outcome"),
                                               pl.lit("id").alias("apollo_id"))

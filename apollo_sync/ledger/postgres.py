@@ -1,13 +1,15 @@
 """The sync ledger in PostgreSQL, for runs on several machines that must share one memory of what was sent.
 
-Same tables and semantics as :class:`apollo_sync.ledger.SQLiteLedger` (see that module), with two differences that
+Same tables and semantics as :class:`~apollo_sync.ledger.sqlite.SQLiteLedger` (see :mod:`apollo_sync.ledger`), with two differences that
 matter across machines: every timestamp is the database's ``now()`` (one clock for all workers, so leases do not
 depend on their clocks), and a claim is one ``INSERT ... SELECT FROM unnest(...) ON CONFLICT ... DO UPDATE ...
 WHERE ... RETURNING`` statement, so two workers claiming the same identity at the same moment cannot both get it
 (the row lock of ``ON CONFLICT`` serialises them and the second one sees the first one's claim).
 
-Open it with ``Ledger.open(state_dir, "postgresql://user:pw@host:5432/db")``. Tables are created if missing (under
+Open it with ``open_ledger(state_dir, "postgresql://user:pw@host:5432/db")``. Tables are created if missing (under
 an advisory lock, so workers starting together do not race). The password never appears in reprs or errors.
+psycopg is imported when a PostgresLedger is made, so importing this module (and :mod:`apollo_sync.ledger`) never
+needs it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from urllib.parse import unquote, urlsplit
 import polars as pl
 
 from apollo_sync.errors import InputError
-from apollo_sync.ledger import _LEDGER_SCHEMA, HOST, Claim, Ledger, _pid_alive
+from apollo_sync.ledger.base import HOST, LEDGER_SCHEMA, RECORDED, Claim, Ledger, pid_alive
 
 SCHEMES = ("postgresql", "postgres")
 _SCHEMA_LOCK = 72_616_571  # pg_advisory_xact_lock key while creating the tables
@@ -108,7 +110,6 @@ class PostgresLedger(Ledger):
             raise InputError(f"--state-url must be a postgresql:// URL, got {redacted(url)}")
         self._shown = redacted(url)
         self._lock = threading.Lock()
-        self._runs: set[str] = set()
         password = urlsplit(url).password
         try:
             self._db = psycopg.connect(url, autocommit=True, connect_timeout=15, application_name="apollo-sync")
@@ -121,7 +122,7 @@ class PostgresLedger(Ledger):
             if password:
                 reason = reason.replace(password, "***").replace(unquote(password), "***")
             raise InputError(f"cannot open the ledger at {self._shown}: {reason}; check --state-url") from None
-        self._opened_at = self._clock()
+        super().__init__()
 
     def __repr__(self) -> str:
         return f"PostgresLedger({self._shown!r})"
@@ -135,7 +136,7 @@ class PostgresLedger(Ledger):
             rows = self._db.execute(
                 "SELECT identity, fingerprint, status FROM sync_ledger WHERE target = %s", (target,)
             ).fetchall()
-        return pl.DataFrame(rows, schema=_LEDGER_SCHEMA, orient="row")
+        return pl.DataFrame(rows, schema=LEDGER_SCHEMA, orient="row")
 
     def _claim(self, target: str, identities: list[str], fingerprints: list[str | None], run_id: str) -> Claim:
         if not identities:
@@ -172,7 +173,7 @@ class PostgresLedger(Ledger):
                 "SELECT run_id, pid FROM sync_runs WHERE NOT finished AND host = %s AND run_id = ANY(%s)",
                 (HOST, list(run_ids)),
             ).fetchall()
-            dead = [run_id for run_id, pid in rows if pid is not None and not _pid_alive(pid)]
+            dead = [run_id for run_id, pid in rows if pid is not None and not pid_alive(pid)]
             if dead:
                 self._db.execute("UPDATE sync_runs SET finished = true WHERE run_id = ANY(%s)", (dead,))
         return bool(dead)
@@ -187,7 +188,7 @@ class PostgresLedger(Ledger):
             self._db.execute(_MARK_PENDING, params)
 
     def record(self, target: str, outcomes: pl.DataFrame, run_id: str) -> None:
-        kept = outcomes.filter(pl.col("outcome").is_in(["created", "existing", "failed"]))
+        kept = outcomes.filter(pl.col("outcome").is_in(list(RECORDED)))
         kept = kept.unique("identity", keep="last", maintain_order=True)  # one statement may not touch a row twice
         if kept.height == 0:
             return

@@ -1,0 +1,208 @@
+"""What every ledger does: the :class:`Ledger` interface, :class:`Claim`, :func:`target_for` and the helpers
+both backends share (the polars schema of what a ledger knows, this host's name, whether a local process lives).
+
+``plan`` (split contacts into to-send and unchanged) and the claim protocol around ``_claim`` are written once
+here; a backend supplies storage: ``_known``, ``_claim``, ``_clock`` and the writes. See :mod:`apollo_sync.ledger`
+for the semantics.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from urllib.parse import urlsplit, urlunsplit
+
+import polars as pl
+
+from apollo_sync import settings
+from apollo_sync.errors import InputError
+
+CONFIRMED = ("created", "existing")
+STATUSES = ("pending", "created", "existing", "failed")
+RECORDED = ("created", "existing", "failed")
+"""Outcomes ``record`` stores; ``unconfirmed`` rows stay ``pending`` and other outcomes are ignored."""
+LEDGER_SCHEMA = {"identity": pl.String, "fingerprint": pl.String, "status": pl.String}
+"""The frame ``_known`` returns: every (identity, fingerprint, status) held for one target."""
+HOST = socket.gethostname()
+"""This machine's name, stored with each run's heartbeat so runs on this host can be checked for a live process."""
+
+
+def target_for(base_url: str) -> str:
+    """A stable id for where contacts go: a hash of the base URL with case, default port and slashes normalised."""
+    parts = urlsplit(base_url.strip())
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    port = parts.port
+    if port is not None and not ((scheme, port) in (("http", 80), ("https", 443))):
+        host = f"{host}:{port}"
+    path = parts.path.rstrip("/")
+    normalised = urlunsplit((scheme, host, path, "", ""))
+    return hashlib.sha256(normalised.encode("utf-8")).hexdigest()[:24]
+
+
+def now() -> str:
+    """The current UTC time as ISO 8601 text with milliseconds (what the SQLite ledger stores)."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a process we may not signal still exists)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What :meth:`Ledger.claim` got: identities this run now holds, which of them the ledger already had (send
+    those with dedupe), and for every refused identity the run that holds it."""
+
+    claimed: frozenset[str]
+    seen: frozenset[str]
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+class Ledger(abc.ABC):
+    """What every ledger does. Open one with :func:`apollo_sync.ledger.open_ledger`.
+
+    A backend opens its connection, then calls ``super().__init__()``, which reads the ledger's clock.
+    """
+
+    lease_seconds: float = settings.CLAIM_LEASE_SECONDS
+    """A pending claim of a run with no heartbeat for this long may be taken over."""
+
+    def __init__(self) -> None:
+        self._runs: set[str] = set()
+        self._planned_at = None
+        self._opened_at = self._clock()
+
+    def plan(self, target: str, contacts: pl.DataFrame | pl.LazyFrame, full_refresh: bool = False):
+        """Split ``contacts`` (columns ``identity``, ``fingerprint``, ...) into ``(to_send, unchanged)``.
+
+        ``unchanged``: the identity is confirmed (created/existing) with the same fingerprint (never with
+        ``full_refresh``). ``to_send`` gets a bool column ``must_dedupe``: the ledger has seen this identity
+        before (a pending row from a killed run, a failed row, or changed content), so it must be sent with
+        ``run_dedupe`` true. Both keep the input's columns and order. A LazyFrame (prepare()'s Parquet parts)
+        gives two LazyFrames: the ledger is read now, the contacts only when they are collected or sunk.
+        """
+        lazy = isinstance(contacts, pl.LazyFrame)
+        names = contacts.collect_schema().names() if lazy else contacts.columns
+        for column in ("identity", "fingerprint"):
+            if column not in names:
+                raise InputError(f"contacts for the ledger need a {column!r} column; prepare() makes it")
+        self._planned_at = self._clock()
+        known = self._known(target).rename({"fingerprint": "_ledger_fp", "status": "_ledger_status"})
+        if lazy:
+            known = known.lazy()
+        joined = contacts.join(known, on="identity", how="left", maintain_order="left")
+        is_unchanged = (
+            pl.col("_ledger_status").is_in(CONFIRMED) & (pl.col("_ledger_fp") == pl.col("fingerprint"))
+        ).fill_null(False)
+        if full_refresh:
+            is_unchanged = pl.lit(False)
+        joined = joined.with_columns(
+            _unchanged=is_unchanged, must_dedupe=pl.col("_ledger_status").is_not_null()
+        )
+        to_send = joined.filter(~pl.col("_unchanged")).drop("_ledger_fp", "_ledger_status", "_unchanged")
+        unchanged = joined.filter(pl.col("_unchanged")).drop("_ledger_fp", "_ledger_status", "_unchanged", "must_dedupe")
+        return to_send, unchanged
+
+    @abc.abstractmethod
+    def _known(self, target: str) -> pl.DataFrame:
+        """Every (identity, fingerprint, status) the ledger holds for ``target`` (:data:`LEDGER_SCHEMA`)."""
+
+    @abc.abstractmethod
+    def mark_pending(self, target: str, rows: pl.DataFrame, run_id: str) -> None:
+        """Mark ``rows`` (``identity``, ``fingerprint``) pending before they are sent: one transaction."""
+
+    def claim(self, target: str, rows: pl.DataFrame, run_id: str) -> Claim:
+        """Claim ``rows`` (``identity``, ``fingerprint``) for ``run_id`` before they are sent: one atomic upsert.
+
+        A row is claimed (and marked pending) unless another run holds it pending and is live, or another run
+        confirmed it with the same fingerprint since this ledger's last :meth:`plan`. When some rows are refused,
+        holders on this host whose process is gone are expired and those rows are tried once more.
+        """
+        identities = rows["identity"].to_list()
+        fingerprints = rows["fingerprint"].to_list()
+        result = self._claim(target, identities, fingerprints, run_id)
+        self._runs.add(run_id)
+        if result.refused and self._expire_dead_local_runs(set(result.refused.values())):
+            again = [i for i, identity in enumerate(identities) if identity in result.refused]
+            retry = self._claim(target, [identities[i] for i in again], [fingerprints[i] for i in again], run_id)
+            result = Claim(result.claimed | retry.claimed, result.seen | retry.seen, retry.refused)
+        return result
+
+    def finish(self, run_id: str) -> None:
+        """End ``run_id``'s lease at once: its pending rows (unconfirmed ones) may be taken over by other runs."""
+        self._finish(run_id)
+        self._runs.discard(run_id)
+
+    @property
+    def _since(self):
+        """Confirmations after this moment (the last plan, else the opening) refuse a claim of the same content."""
+        return self._planned_at or self._opened_at
+
+    @abc.abstractmethod
+    def _clock(self):
+        """The ledger's notion of now, comparable with what it stores (the database's time where there is one)."""
+
+    @abc.abstractmethod
+    def _claim(self, target: str, identities: list[str], fingerprints: list[str | None], run_id: str) -> Claim:
+        """One atomic claim of the given identities, renewing ``run_id``'s heartbeat in the same transaction."""
+
+    @abc.abstractmethod
+    def heartbeat(self, run_id: str) -> None:
+        """Renew ``run_id``'s lease on everything it holds pending."""
+
+    @abc.abstractmethod
+    def _finish(self, run_id: str) -> None:
+        """Mark ``run_id`` finished in storage."""
+
+    @abc.abstractmethod
+    def _expire_dead_local_runs(self, run_ids: set[str]) -> bool:
+        """Finish those of ``run_ids`` that ran on this host in a process that is gone; True if any was."""
+
+    def _finish_own_runs(self) -> None:
+        for run_id in list(self._runs):
+            try:
+                self.finish(run_id)
+            except Exception:  # noqa: BLE001 - closing must not fail; the lease expires on its own
+                pass
+
+    @abc.abstractmethod
+    def record(self, target: str, outcomes: pl.DataFrame, run_id: str) -> None:
+        """Record answers: ``outcomes`` has ``identity``, ``fingerprint``, ``outcome``, ``apollo_id``; one transaction.
+
+        ``created``/``existing``/``failed`` are stored; ``unconfirmed`` rows stay ``pending`` (they may have
+        landed), other outcomes are ignored.
+        """
+
+    @abc.abstractmethod
+    def get_mark(self, key: str) -> str | None:
+        """The value stored under ``key`` (e.g. an incremental cursor), or None."""
+
+    @abc.abstractmethod
+    def set_mark(self, key: str, value: str | None) -> None:
+        """Store ``value`` under ``key``."""
+
+    @abc.abstractmethod
+    def status_counts(self, target: str) -> dict[str, int]:
+        """How many identities the ledger holds for ``target`` in each status."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Finish the runs this ledger claimed for (their leases end) and release the connection."""
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

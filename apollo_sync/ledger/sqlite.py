@@ -1,0 +1,211 @@
+"""The ledger in one SQLite file under ``state_dir``: the embedded default, for runs on one machine.
+
+WAL journal with ``synchronous=NORMAL`` (durable across a killed process); each mark/record call is one
+transaction, and a claim is one ``BEGIN IMMEDIATE`` transaction (SQLite's single writer), so the reads around its
+upsert see exactly what the upsert saw. Timestamps are this machine's UTC time as ISO text; heartbeats are epoch
+seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import polars as pl
+
+from apollo_sync.errors import InputError
+from apollo_sync.ledger.base import HOST, LEDGER_SCHEMA, RECORDED, Claim, Ledger, now, pid_alive
+
+LEDGER_FILE = "ledger.sqlite3"
+"""The file name of the SQLite ledger inside ``state_dir``."""
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS sync_ledger (
+        target      TEXT NOT NULL,
+        identity    TEXT NOT NULL,
+        fingerprint TEXT,
+        apollo_id   TEXT,
+        status      TEXT NOT NULL,
+        run_id      TEXT,
+        updated_at  TEXT NOT NULL,
+        PRIMARY KEY (target, identity)
+    )""",
+    """CREATE TABLE IF NOT EXISTS sync_marks (
+        mark_key   TEXT PRIMARY KEY,
+        mark_value TEXT,
+        updated_at TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS sync_runs (
+        run_id       TEXT PRIMARY KEY,
+        host         TEXT,
+        pid          INTEGER,
+        heartbeat_at REAL NOT NULL,
+        finished     INTEGER NOT NULL DEFAULT 0
+    )""",
+)
+
+_MARK_PENDING = """
+    INSERT INTO sync_ledger (target, identity, fingerprint, apollo_id, status, run_id, updated_at)
+    VALUES (?, ?, ?, NULL, 'pending', ?, ?)
+    ON CONFLICT (target, identity) DO UPDATE SET
+        fingerprint = excluded.fingerprint, status = 'pending', run_id = excluded.run_id,
+        updated_at = excluded.updated_at
+"""
+_RECORD = """
+    INSERT INTO sync_ledger (target, identity, fingerprint, apollo_id, status, run_id, updated_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (target, identity) DO UPDATE SET
+        fingerprint = excluded.fingerprint, apollo_id = COALESCE(excluded.apollo_id, sync_ledger.apollo_id),
+        status = excluded.status, run_id = excluded.run_id, updated_at = excluded.updated_at
+"""
+_CLAIM = """
+    INSERT INTO sync_ledger (target, identity, fingerprint, apollo_id, status, run_id, updated_at)
+    VALUES (?1, ?2, ?3, NULL, 'pending', ?4, ?5)
+    ON CONFLICT (target, identity) DO UPDATE SET
+        fingerprint = excluded.fingerprint, status = 'pending', run_id = excluded.run_id,
+        updated_at = excluded.updated_at
+    WHERE sync_ledger.run_id IS excluded.run_id OR NOT (
+        (sync_ledger.status IN ('created', 'existing') AND sync_ledger.fingerprint IS excluded.fingerprint
+         AND sync_ledger.updated_at > ?6)
+        OR (sync_ledger.status = 'pending' AND EXISTS (
+            SELECT 1 FROM sync_runs AS r WHERE r.run_id = sync_ledger.run_id AND r.finished = 0 AND r.heartbeat_at > ?7))
+    )
+"""
+_HEARTBEAT = """
+    INSERT INTO sync_runs (run_id, host, pid, heartbeat_at, finished) VALUES (?, ?, ?, ?, 0)
+    ON CONFLICT (run_id) DO UPDATE SET host = excluded.host, pid = excluded.pid,
+        heartbeat_at = excluded.heartbeat_at, finished = 0
+"""
+_SET_MARK = """
+    INSERT INTO sync_marks (mark_key, mark_value, updated_at) VALUES (?, ?, ?)
+    ON CONFLICT (mark_key) DO UPDATE SET mark_value = excluded.mark_value, updated_at = excluded.updated_at
+"""
+
+
+class SQLiteLedger(Ledger):
+    """The ledger in one SQLite file (WAL journal; each mark/record call is one transaction)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across a killed process
+            for statement in _SCHEMA:
+                self._db.execute(statement)
+        except (OSError, sqlite3.Error) as exc:
+            raise InputError(f"cannot open the ledger at {self.path}: {exc}; check --state-dir") from None
+        self._lock = threading.Lock()
+        super().__init__()
+
+    def __repr__(self) -> str:
+        return f"SQLiteLedger({str(self.path)!r})"
+
+    def _known(self, target: str) -> pl.DataFrame:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT identity, fingerprint, status FROM sync_ledger WHERE target = ?", (target,)
+            ).fetchall()
+        return pl.DataFrame(rows, schema=LEDGER_SCHEMA, orient="row")
+
+    def _write(self, sql: str, params: list[tuple]) -> None:
+        if not params:
+            return
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(sql, params)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def mark_pending(self, target: str, rows: pl.DataFrame, run_id: str) -> None:
+        stamp = now()
+        params = [
+            (target, identity, fp, run_id, stamp)
+            for identity, fp in zip(rows["identity"].to_list(), rows["fingerprint"].to_list())
+        ]
+        self._write(_MARK_PENDING, params)
+
+    def _clock(self) -> str:
+        return now()
+
+    def _claim(self, target: str, identities: list[str], fingerprints: list[str | None], run_id: str) -> Claim:
+        if not identities:
+            return Claim(frozenset(), frozenset())
+        stamp, beat = now(), time.time()
+        cutoff = beat - self.lease_seconds
+        marks = ",".join("?" * len(identities))
+        select = f"SELECT identity, run_id FROM sync_ledger WHERE target = ? AND identity IN ({marks})"
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # one writer: the reads below see exactly what the upsert saw
+            try:
+                self._db.execute(_HEARTBEAT, (run_id, HOST, os.getpid(), beat))
+                seen = {identity for identity, _ in self._db.execute(select, (target, *identities))}
+                self._db.executemany(
+                    _CLAIM, [(target, i, f, run_id, stamp, self._since, cutoff) for i, f in zip(identities, fingerprints)]
+                )
+                holders = dict(self._db.execute(select, (target, *identities)).fetchall())
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        claimed = frozenset(i for i in identities if holders.get(i) == run_id)
+        refused = {i: holders.get(i) or "?" for i in identities if i not in claimed}
+        return Claim(claimed, frozenset(seen & claimed), refused)
+
+    def heartbeat(self, run_id: str) -> None:
+        self._write(_HEARTBEAT, [(run_id, HOST, os.getpid(), time.time())])
+
+    def _finish(self, run_id: str) -> None:
+        self._write("UPDATE sync_runs SET finished = 1 WHERE run_id = ?", [(run_id,)])
+
+    def _expire_dead_local_runs(self, run_ids: set[str]) -> bool:
+        marks = ",".join("?" * len(run_ids))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT run_id, pid FROM sync_runs WHERE finished = 0 AND host = ? AND run_id IN ({marks})",
+                (HOST, *run_ids),
+            ).fetchall()
+        dead = [(run_id,) for run_id, pid in rows if pid is not None and not pid_alive(pid)]
+        self._write("UPDATE sync_runs SET finished = 1 WHERE run_id = ?", dead)
+        return bool(dead)
+
+    def record(self, target: str, outcomes: pl.DataFrame, run_id: str) -> None:
+        stamp = now()
+        params = [
+            (target, identity, fp, apollo_id, outcome, run_id, stamp)
+            for identity, fp, outcome, apollo_id in zip(
+                outcomes["identity"].to_list(),
+                outcomes["fingerprint"].to_list(),
+                outcomes["outcome"].to_list(),
+                outcomes["apollo_id"].to_list(),
+            )
+            if outcome in RECORDED
+        ]
+        self._write(_RECORD, params)
+
+    def get_mark(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT mark_value FROM sync_marks WHERE mark_key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_mark(self, key: str, value: str | None) -> None:
+        self._write(_SET_MARK, [(key, value, now())])
+
+    def status_counts(self, target: str) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT status, COUNT(*) FROM sync_ledger WHERE target = ? GROUP BY status", (target,)
+            ).fetchall()
+        return {status: count for status, count in rows}
+
+    def close(self) -> None:
+        self._finish_own_runs()
+        with self._lock:
+            self._db.close()
