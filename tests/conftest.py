@@ -37,3 +37,16 @@ def prefect_harness():
 
 
 from sandbox_fixtures import sandbox, sandbox_factory  # noqa: E402,F401  (fixtures for every test file)
+from services import postgres, postgres_cluster_once, s3, s3_server_once  # noqa: E402,F401  (real services)
+
+
+_SERVICE_MARKERS = {"postgres": ("postgres", "e2e"), "s3": ("s3", "e2e"), "prefect_server": ("e2e",),
+                    "prefect_harness": ("prefect",)}
+"""Fixture a test uses -> the markers it gets: what a test needs is what it asks for."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            for marker in _SERVICE_MARKERS.get(fixture, ()):
+                item.add_marker(marker)

@@ -155,8 +155,26 @@ def _unavailable(what: str, exc: BaseException) -> None:
     pytest.skip(reason)
 
 
+def require_e2e_marker(request: pytest.FixtureRequest, what: str) -> None:
+    """A test that reaches a real service must say so (marker e2e), so `-m "not e2e"` never needs one.
+
+    Tests that ask for the fixture directly are marked by tests/conftest.py; one that reaches it through
+    ``request.getfixturevalue`` (a parametrized backend) must carry the marker on that parameter.
+    """
+    node = getattr(request, "_pyfuncitem", None) or request.node
+    if node.get_closest_marker("e2e") is None:
+        pytest.fail(f"{node.nodeid} uses {what} but is not marked e2e: mark it (or its parameter) e2e")
+
+
+@pytest.fixture
+def postgres(postgres_cluster_once: Postgres, request: pytest.FixtureRequest) -> Postgres:
+    """The session's real PostgreSQL on 127.0.0.1 (only for tests marked e2e)."""
+    require_e2e_marker(request, "PostgreSQL")
+    return postgres_cluster_once
+
+
 @pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
+def postgres_cluster_once() -> Iterator[Postgres]:
     """Session-wide real PostgreSQL on 127.0.0.1."""
     cm = postgres_cluster()
     try:
@@ -169,8 +187,15 @@ def postgres() -> Iterator[Postgres]:
         cm.__exit__(None, None, None)
 
 
+@pytest.fixture
+def s3(s3_server_once: S3, request: pytest.FixtureRequest) -> S3:
+    """The session's moto S3 server on 127.0.0.1 (only for tests marked e2e)."""
+    require_e2e_marker(request, "the S3 server")
+    return s3_server_once
+
+
 @pytest.fixture(scope="session")
-def s3() -> Iterator[S3]:
+def s3_server_once() -> Iterator[S3]:
     """Session-wide moto S3 server on 127.0.0.1."""
     cm = s3_server()
     try:

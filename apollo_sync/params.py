@@ -1,0 +1,280 @@
+"""The one definition of a run's settings, in groups: used by both flows, the CLI and prefect.yaml.
+
+A run of ``sync-contacts`` takes five groups, each a frozen pydantic model:
+
+=============== ====================================================================================
+``source``      where the contacts come from and how to read them (:class:`SourceParams`)
+``cleaning``    the mapping file and the default phone region (:class:`CleaningParams`)
+``apollo``      where they go: base URL, auth, the Secret block with the key, labels, dedupe
+``load``        how they are sent: chunk size, concurrency, timeout, rate caps (:class:`LoadParams`)
+``run``         dry run, full refresh, where the ledger and the report live (:class:`RunParams`)
+=============== ====================================================================================
+
+``sync-partitions`` takes the same groups plus :class:`PartitionParams`. The Prefect run form shows each group as
+one section (field titles and descriptions come from here, enums are dropdowns); ``apollo-sync run`` builds its
+flags from the same fields (``apollo_sync.cli``), so a setting is declared once. A plain string is accepted
+for ``source`` (``sync_contacts(source="contacts.csv")``), and an empty text field means "not set", as the UI
+sends it.
+
+No secret is a parameter: Prefect stores flow-run parameters. The API key comes from the Secret block named in
+``apollo.api_key_block`` or from the environment at run time.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from apollo_sync import settings
+
+
+def _plain_optionals(schema: dict[str, Any]) -> None:
+    """Show ``X | None`` fields as plain X inputs in the Prefect form (an empty input means "not set").
+
+    Pydantic writes them as ``anyOf: [X, null]``, which the form renders as a type picker beside every field.
+    """
+    for prop in schema.get("properties", {}).values():
+        options = prop.get("anyOf")
+        if not options:
+            continue
+        kept = [option for option in options if option.get("type") != "null"]
+        if len(kept) == 1 and len(kept) < len(options):
+            del prop["anyOf"]
+            prop.update(kept[0])
+
+
+class Group(BaseModel):
+    """Base of every settings group: frozen, unknown keys refused, "" read as "not set" for optional text."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_plain_optionals)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_text_is_unset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        optional = {name for name, f in cls.model_fields.items() if not f.is_required() and f.default is None}
+        return {k: (None if k in optional and isinstance(v, str) and not v.strip() else v) for k, v in data.items()}
+
+
+class Format(str, Enum):
+    """A source format; ``auto`` reads it from the file extension."""
+
+    auto = "auto"
+    csv = "csv"
+    tsv = "tsv"
+    parquet = "parquet"
+    json = "json"
+    ndjson = "ndjson"
+    xlsx = "xlsx"
+
+
+class Auth(str, Enum):
+    """How the key is sent; ``auto`` follows the host (Bearer for the gateway, X-Api-Key for Apollo direct)."""
+
+    auto = "auto"
+    bearer = "bearer"
+    x_api_key = "x-api-key"
+
+
+class SourceParams(Group):
+    """Where the contacts come from and how to read them."""
+
+    model_config = ConfigDict(title="Source settings")
+
+    path: str = Field(
+        min_length=1,
+        title="Path or URL",
+        description="A file or glob (csv, tsv, parquet, json, ndjson, xlsx), sqlite:///file.db or postgresql://… "
+        "with a query, or an s3:// or https:// URL.",
+    )
+    format: Format = Field(Format.auto, title="Format", description="The file format, when the extension does not say it.")
+    delimiter: str | None = Field(
+        None, min_length=1, max_length=3, title="CSV delimiter", description="One character (or tab); detected when empty."
+    )
+    encoding: str = Field("utf-8", min_length=1, title="Encoding", description="utf-8, utf-8-sig, latin-1, cp1252, utf-16…")
+    query: str | None = Field(None, title="SQL query or table", description="For sqlite:/// and postgresql:// sources.")
+    cursor_column: str | None = Field(
+        None,
+        title="Incremental cursor column",
+        description="For SQL sources: read only rows past the last confirmed value of this column.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_path(cls, data: Any) -> Any:
+        return {"path": data} if isinstance(data, str) else data
+
+
+class CleaningParams(Group):
+    """How source columns become Apollo fields."""
+
+    model_config = ConfigDict(title="Cleaning settings")
+
+    mapping: str | None = Field(
+        None,
+        title="Mapping file (TOML)",
+        description="Source columns to Apollo fields, custom fields, constants; headers are auto-mapped without it.",
+    )
+    phone_region: str = Field(
+        settings.DEFAULT_PHONE_REGION,
+        min_length=2,
+        max_length=2,
+        title="Default phone region",
+        description="Region for phones written without a country code (ISO code: US, GB, DE…).",
+    )
+
+    @field_validator("phone_region")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper()
+
+
+class ApolloParams(Group):
+    """Where the contacts go, and what Apollo does with them."""
+
+    model_config = ConfigDict(title="Apollo settings")
+
+    base_url: str = Field(
+        settings.GATEWAY_BASE_URL,
+        title="Base URL",
+        description=f"The AISA gateway (default) or Apollo direct ({settings.APOLLO_BASE_URL}).",
+    )
+    auth: Auth = Field(Auth.auto, title="Auth header", description="auto follows the host.")
+    api_key_block: str | None = Field(
+        settings.DEFAULT_SECRET_BLOCK,
+        title="Secret block with the API key",
+        description=f"Used when it exists; else the {settings.ENV_API_KEY} environment variable.",
+    )
+    labels: list[str] = Field(
+        default_factory=list, title="Labels", description="Label (list) names added to every contact created."
+    )
+    run_dedupe: bool = Field(
+        True,
+        title="Server-side dedupe",
+        description="Apollo returns contacts it already has instead of creating duplicates. Retries after an "
+        "unknown outcome always dedupe.",
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        value = value.strip()
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {value!r}")
+        return value
+
+
+class LoadParams(Group):
+    """How the contacts are sent."""
+
+    model_config = ConfigDict(title="Load settings")
+
+    chunk_size: int = Field(
+        settings.DEFAULT_CHUNK_SIZE,
+        ge=1,
+        le=settings.MAX_CONTACTS_PER_REQUEST,
+        title="Contacts per request",
+        description=f"Apollo takes at most {settings.MAX_CONTACTS_PER_REQUEST}.",
+    )
+    concurrency: int = Field(
+        settings.DEFAULT_CONCURRENCY, ge=1, le=32, title="Requests in flight", description="All share one rate budget."
+    )
+    timeout: float = Field(
+        settings.DEFAULT_TIMEOUT_SECONDS, gt=0, le=600, title="Request timeout (s)", description="Seconds to wait for one answer."
+    )
+    max_rpm: int | None = Field(
+        None, ge=1, title="Max requests per minute", description="A cap for APIs that send no rate headers."
+    )
+    rate_limit_name: str | None = Field(
+        None,
+        title="Shared rate limit (Prefect)",
+        description="A Prefect global concurrency limit with slot decay, shared by every run and worker.",
+    )
+
+
+class RunParams(Group):
+    """What kind of run, and where its memory and report live."""
+
+    model_config = ConfigDict(title="Run settings")
+
+    dry_run: bool = Field(False, title="Dry run", description="Read, clean and plan only; send nothing, need no key.")
+    full_refresh: bool = Field(
+        False, title="Full refresh", description="Ignore the ledger and send every valid row (dedupe still guards)."
+    )
+    state_dir: str = Field(
+        settings.DEFAULT_STATE_DIR,
+        min_length=1,
+        title="State directory",
+        description="Where the sync ledger lives; a re-run with the same one sends only what changed.",
+    )
+    state_url: str | None = Field(
+        None,
+        title="Shared ledger (postgresql:// URL)",
+        description="A ledger shared by several workers instead of the one in the state directory (password in "
+        "PGPASSWORD or ~/.pgpass, not here).",
+    )
+    report_dir: str | None = Field(
+        None, title="Report directory", description="Where summary.json and the results go (default: under the state directory)."
+    )
+
+
+class PartitionParams(Group):
+    """How ``sync-partitions`` splits the source and runs its children."""
+
+    model_config = ConfigDict(title="Partitions settings")
+
+    partitions: int | None = Field(
+        None, ge=1, le=1000, title="Partitions", description="Key ranges (SQL) or row ranges (one file); a glob ignores it."
+    )
+    partition_column: str | None = Field(
+        None, title="Partition column (SQL)", description="Any orderable column; NULLs go to the first partition."
+    )
+    deployment: str = Field(
+        "sync-contacts/sync-contacts-partition",
+        min_length=1,
+        title="Child deployment",
+        description="A sync-contacts deployment on the work pool.",
+    )
+    max_in_flight: int = Field(2, ge=1, le=100, title="Child runs at once")
+    split_dir: str | None = Field(
+        None,
+        title="Directory for row-range parts",
+        description="Every worker must read it (default: under the report directory).",
+    )
+    poll_seconds: float = Field(5.0, gt=0, le=60, title="Seconds between child state checks")
+
+
+class SyncParams(BaseModel):
+    """Every setting of one ``sync-contacts`` run: the five groups."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: SourceParams
+    cleaning: CleaningParams = CleaningParams()
+    apollo: ApolloParams = ApolloParams()
+    load: LoadParams = LoadParams()
+    run: RunParams = RunParams()
+
+
+RUN_GROUPS: dict[str, type[Group]] = {
+    "source": SourceParams,
+    "cleaning": CleaningParams,
+    "apollo": ApolloParams,
+    "load": LoadParams,
+    "run": RunParams,
+}
+"""The groups of :class:`SyncParams` by parameter name, in the order the form and ``--help`` show them."""
+
+
+def ui_form(title: str, description: str | None = None) -> Any:
+    """A top-level flow parameter's title in the Prefect form (Prefect titles parameters by their name and
+    overwrites ``Field(title=...)``; a title given through ``json_schema_extra`` survives, checked on 3.9).
+
+    Pydantic leaves out a title equal to the referenced model's own, so the groups are titled "<name> settings"
+    and their parameters "<name>".
+    """
+    extra = {"title": title} | ({"description": description} if description else {})
+    return Field(json_schema_extra=extra)
