@@ -1,18 +1,34 @@
 """Pytest fixtures for the sandbox server; conftest imports them so any test can ask for them.
 
 - ``sandbox``: a SandboxServer with the default config (key ``sandbox-key``, no limits, no faults), per test.
-- ``sandbox_factory``: call it with SandboxConfig keyword arguments to start a configured SandboxServer;
-  every server it started is stopped at the end of the test.
+- ``sandbox_factory``: call it with SandboxConfig keyword arguments (and optionally ``clock=``) to start a
+  configured SandboxServer; every server it started is stopped at the end of the test.
+- ``FakeClock``: a clock for ``sandbox_factory(clock=...)`` that stands still until the test advances it, so rate
+  windows are tested without sleeping to a wall-clock boundary.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from apollo_sync.sandbox import SandboxConfig, SandboxServer
+
+
+class FakeClock:
+    """Seconds since the epoch, like ``time.time``, but only moving when :meth:`advance` is called."""
+
+    def __init__(self, now: float = 1_700_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 @pytest.fixture
@@ -24,11 +40,14 @@ def sandbox() -> Iterator[SandboxServer]:
 
 @pytest.fixture
 def sandbox_factory() -> Iterator[Callable[..., SandboxServer]]:
-    """``sandbox_factory(rate=3, window=1, drop=1.0, ...)`` -> a running SandboxServer, stopped after the test."""
+    """``sandbox_factory(rate=3, window=1, drop=1.0, ...)`` -> a running SandboxServer, stopped after the test.
+
+    ``clock=`` (a :class:`FakeClock`, say) is passed to the server; every other keyword goes to SandboxConfig.
+    """
     started: list[SandboxServer] = []
 
-    def make(**config: Any) -> SandboxServer:
-        server = SandboxServer(SandboxConfig(**config)).start()
+    def make(*, clock: Callable[[], float] = time.time, **config: Any) -> SandboxServer:
+        server = SandboxServer(SandboxConfig(**config), clock=clock).start()
         started.append(server)
         return server
 

@@ -1,6 +1,7 @@
 """The sandbox server over real sockets: both ways in, auth, validation, dedupe, rate windows, faults, admin.
 
-Fixtures ``sandbox`` and ``sandbox_factory`` come from tests/sandbox_fixtures.py via conftest.
+Fixtures ``sandbox`` and ``sandbox_factory`` come from tests/sandbox_fixtures.py via conftest. Rate windows run on
+a ``FakeClock`` the test advances; one test checks that the default clock is the wall clock.
 """
 
 from __future__ import annotations
@@ -13,15 +14,9 @@ import httpx
 import pytest
 
 from apollo_sync.errors import InputError
-from apollo_sync.sandbox import (
-    SandboxConfig,
-    SandboxProcess,
-    SandboxServer,
-    build_parser,
-    config_from_args,
-    config_to_argv,
-    serve_forever,
-)
+from apollo_sync.sandbox import SandboxConfig, SandboxProcess, SandboxServer, config_to_argv, serve_forever
+from apollo_sync.sandbox.process import build_parser, config_from_args
+from sandbox_fixtures import FakeClock
 
 KEY = "sandbox-key"
 BULK = "/contacts/bulk_create"
@@ -53,11 +48,6 @@ def wait_for(predicate, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
-
-
-def align_to_window(length: float = 1.0) -> None:
-    """Sleep to just past a window boundary so a short burst of requests lands in one window."""
-    time.sleep(length - time.time() % length + 0.02)
 
 
 # --- both ways in ------------------------------------------------------------------------------
@@ -268,18 +258,19 @@ def test_concurrent_dedupe_stores_each_email_once(sandbox):
 
 
 def test_gateway_rate_window_429_then_passes_after_reset(sandbox_factory):
-    sb = sandbox_factory(rate=3, window=1)
+    clock = FakeClock(1_700_000_000.25)  # a quarter into a 1 s window
+    sb = sandbox_factory(rate=3, window=1, clock=clock)
     with gateway(sb) as g:
-        align_to_window(1.0)
         answers = [post(g, [{"email": f"u{i}@example.com"}]) for i in range(4)]
         over = answers[-1]
-        time.sleep(int(over.headers["Retry-After"]))
+        clock.advance(int(over.headers["Retry-After"]))
         after = post(g, [{"email": "late@example.com"}])
     assert [r.status_code for r in answers] == [200, 200, 200, 429]
     assert [r.headers["X-RateLimit-Remaining"] for r in answers] == ["2", "1", "0", "0"]
     assert all(r.headers["X-RateLimit-Limit"] == "3" for r in answers)
     reset = over.headers["X-RateLimit-Reset"]
     assert 0 < float(reset) <= 1 and len(reset.split(".")[1]) == 3
+    assert reset == "0.750"  # the window ends at the next whole second since the epoch
     assert over.headers["Retry-After"] == "1"
     assert over.json()["error"]["type"] == "rate_limit_error"
     assert after.status_code == 200 and after.headers["X-RateLimit-Remaining"] == "2"
@@ -288,9 +279,8 @@ def test_gateway_rate_window_429_then_passes_after_reset(sandbox_factory):
 
 
 def test_apollo_rate_headers_name_each_window(sandbox_factory):
-    sb = sandbox_factory(rate=5, window=1, hourly_limit=2, daily_limit=100)
+    sb = sandbox_factory(rate=5, window=1, hourly_limit=2, daily_limit=100, clock=FakeClock())
     with apollo(sb) as a:
-        align_to_window(1.0)
         answers = [post(a, [{"email": f"u{i}@example.com"}]) for i in range(4)]
     first, _, over, over_again = answers
     assert first.status_code == 200
@@ -303,6 +293,35 @@ def test_apollo_rate_headers_name_each_window(sandbox_factory):
     assert over.headers["x-hourly-requests-left"] == "0" and over.headers["x-minute-usage"] == "2"
     assert 1 <= int(over.headers["Retry-After"]) <= 3600
     assert over_again.status_code == 429 and over_again.headers["x-hourly-usage"] == "2"  # a 429 is not counted
+
+
+def test_the_default_clock_is_the_wall_clock(sandbox_factory):
+    """What a fake clock cannot show: without one, windows follow real time, and the reset header says when."""
+    sb = sandbox_factory(rate=1, window=1)
+    with gateway(sb) as g:
+        answers = [post(g, [{"email": "u0@example.com"}])]
+        while answers[-1].status_code != 429 and len(answers) < 10:  # until two land in one window
+            answers.append(post(g, [{"email": f"u{len(answers)}@example.com"}]))
+        over = answers[-1]
+        time.sleep(float(over.headers["X-RateLimit-Reset"]) + 0.05)
+        after = post(g, [{"email": "late@example.com"}])
+    assert 0 < float(over.headers["X-RateLimit-Reset"]) <= 1 and over.headers["Retry-After"] == "1"
+    assert after.status_code == 200 and after.headers["X-RateLimit-Remaining"] == "0"
+    assert time.time() - int(sb.contacts()[-1]["id"][:8], 16) < 60  # ids carry the real time, as ObjectIds do
+
+
+def test_windows_align_to_the_epoch_and_stamps_use_the_same_clock(sandbox_factory):
+    clock = FakeClock(1_700_000_039.5)  # half a second before a 60 s boundary (epoch multiples of 60)
+    sb = sandbox_factory(rate=1, window=60, clock=clock)
+    with gateway(sb) as g:
+        first = post(g, [{"email": "a@example.com"}])
+        over = post(g, [{"email": "b@example.com"}])
+        clock.advance(0.5)
+        next_window = post(g, [{"email": "c@example.com"}])
+    assert first.status_code == 200 and over.status_code == 429
+    assert over.headers["X-RateLimit-Reset"] == "0.500" and over.headers["Retry-After"] == "1"
+    assert next_window.status_code == 200
+    assert sb.contacts()[0]["created_at"] == "2023-11-14T22:13:59.500Z"  # stamps come from the same clock
 
 
 def test_apollo_minute_window_message(sandbox_factory):

@@ -1,0 +1,281 @@
+"""What the sandbox remembers and decides, with no HTTP: its config, the contact store and dedupe indexes, the rate
+windows, the fault draws and the counters, behind one lock.
+
+Rate limits are fixed windows aligned to multiples of their length since the epoch, counted per API key. Time comes
+from the state's ``clock`` (``time.time`` unless one is injected), so a test can step a fake clock over a window
+boundary instead of sleeping to one. Faults are drawn per request from one seeded ``random.Random``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from apollo_sync import settings
+from apollo_sync.errors import InputError
+
+Clock = Callable[[], float]
+"""Seconds since the epoch, like ``time.time``."""
+
+GATEWAY = "gateway"
+APOLLO = "apollo"
+"""The two ways in (families): their error bodies and rate headers differ."""
+
+FAULT_KINDS = ("drop", "fail_before_store", "burst_429", "slow", "fail_after_store")
+"""Fault kinds in the order they are checked for each bulk_create request."""
+
+_RESPONSE_FIELDS = (
+    "id",
+    "first_name",
+    "last_name",
+    "organization_name",
+    "title",
+    "owner_id",
+    "account_id",
+    "email",
+    "phone_numbers",
+    "label_names",
+    "typed_custom_fields",
+    "updated_at",
+)
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """How the sandbox behaves. Probabilities are per bulk_create request, in [0, 1].
+
+    ``rate`` requests per ``window`` seconds is the primary window (reported as Apollo's minute family);
+    ``hourly_limit`` and ``daily_limit`` add 3600 s and 86400 s windows. ``None`` means no limit.
+    ``latency`` seconds are slept on every bulk_create request. ``seed`` makes faults, ids and shuffles
+    repeatable. ``shuffle`` returns each contact list in a random order, as the real API promises none.
+    """
+
+    api_key: str = field(default="sandbox-key", repr=False)
+    rate: int | None = None
+    window: float = 60.0
+    hourly_limit: int | None = None
+    daily_limit: int | None = None
+    latency: float = 0.0
+    fail_before_store: float = 0.0
+    fail_after_store: float = 0.0
+    slow: float = 0.0
+    slow_seconds: float = 2.0
+    drop: float = 0.0
+    burst_429: float = 0.0
+    seed: int | None = None
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.api_key:
+            raise InputError("sandbox api_key is empty: give a non-empty key (default 'sandbox-key')")
+        for name in ("rate", "hourly_limit", "daily_limit"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InputError(f"sandbox {name} must be a whole number >= 1 or unset; got {value!r}")
+        if not self.window > 0:
+            raise InputError(f"sandbox window must be > 0 seconds; got {self.window!r}")
+        for name in ("latency", "slow_seconds"):
+            if getattr(self, name) < 0:
+                raise InputError(f"sandbox {name} must be >= 0 seconds; got {getattr(self, name)!r}")
+        for name in FAULT_KINDS:
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise InputError(f"sandbox {name} is a probability: give a value in [0, 1]; got {value!r}")
+
+
+@dataclass(frozen=True)
+class Window:
+    """One rate window: its family (``minute`` | ``hourly`` | ``daily``), limit and length in seconds."""
+
+    family: str
+    limit: int
+    length: float
+
+
+class SandboxState:
+    """Store, dedupe indexes, rate windows, fault draws and counters, behind one lock. No HTTP here.
+
+    Methods documented "lock held" expect the caller to hold ``lock`` (one request's checks and writes are
+    one critical section); the others take it themselves.
+    """
+
+    def __init__(self, config: SandboxConfig, clock: Clock = time.time):
+        self.config = config
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.windows = [
+            Window(family, limit, length)
+            for family, limit, length in (
+                ("minute", config.rate, config.window),
+                ("hourly", config.hourly_limit, settings.APOLLO_WINDOWS["hourly"]),
+                ("daily", config.daily_limit, settings.APOLLO_WINDOWS["daily"]),
+            )
+            if limit is not None
+        ]
+        self.reset()
+
+    def reset(self) -> None:
+        """Clear store, counters and windows; restart the random stream from the seed."""
+        with self.lock:
+            self.rng = random.Random(self.config.seed)
+            self.store: list[dict[str, Any]] = []
+            self.by_email: dict[str, dict[str, Any]] = {}
+            self.by_name: dict[tuple[str, str, str], dict[str, Any]] = {}
+            self.usage: dict[tuple[str, str], tuple[int, int]] = {}  # (key, family) -> (window index, count)
+            self.id_counter = itertools.count(1)
+            self.requests = 0
+            self.status_counts: dict[str, int] = {}
+            self.faults = {kind: 0 for kind in FAULT_KINDS}
+            self.max_contacts_in_request = 0
+            self.created = 0
+            self.existing = 0
+
+    # --- counters (lock held) ----------------------------------------------------------------
+    def count_answer(self, label: str) -> None:
+        """Count one answered (or dropped) bulk_create request under ``label`` (``"200"``, ``"dropped"``...)."""
+        self.requests += 1
+        self.status_counts[label] = self.status_counts.get(label, 0) + 1
+
+    def note_size(self, contacts: int) -> None:
+        """Remember the largest contacts list seen, refused ones included."""
+        self.max_contacts_in_request = max(self.max_contacts_in_request, contacts)
+
+    # --- rate windows (lock held) ------------------------------------------------------------
+    def _window_state(self, key: str, now: float) -> list[tuple[Window, int, float]]:
+        """(window, used in the current window, seconds until it resets) for each configured window."""
+        out = []
+        for w in self.windows:
+            index = math.floor(now / w.length)
+            seen_index, count = self.usage.get((key, w.family), (index, 0))
+            used = count if seen_index == index else 0
+            out.append((w, used, (index + 1) * w.length - now))
+        return out
+
+    def count_request(self, key: str, now: float) -> None:
+        """Count one request of ``key`` in every window."""
+        for w in self.windows:
+            index = math.floor(now / w.length)
+            seen_index, count = self.usage.get((key, w.family), (index, 0))
+            self.usage[(key, w.family)] = (index, count + 1 if seen_index == index else 1)
+
+    def rate_headers(self, family: str, key: str, now: float) -> dict[str, str]:
+        """The rate headers of the way in, from the current usage; none when no limit is configured."""
+        state = self._window_state(key, now)
+        if not state:
+            return {}
+        if family == APOLLO:
+            headers = {}
+            for w, used, _ in state:
+                headers[f"x-rate-limit-{w.family}"] = str(w.limit)
+                headers[f"x-{w.family}-requests-left"] = str(max(w.limit - used, 0))
+                headers[f"x-{w.family}-usage"] = str(used)
+            return headers
+        # Gateway: the tightest window (fewest left; on a tie the one that resets last).
+        w, used, reset_in = min(state, key=lambda s: (s[0].limit - s[1], -s[2]))
+        return {
+            settings.GATEWAY_LIMIT_HEADER: str(w.limit),
+            settings.GATEWAY_REMAINING_HEADER: str(max(w.limit - used, 0)),
+            settings.GATEWAY_RESET_HEADER: f"{max(reset_in, 0.0):.3f}",
+        }
+
+    def over_limit(self, key: str, now: float) -> tuple[Window, float] | None:
+        """The spent window that frees up last, with seconds until it does; None when all have room."""
+        spent = [(w, reset_in) for w, used, reset_in in self._window_state(key, now) if used >= w.limit]
+        return max(spent, key=lambda s: s[1]) if spent else None
+
+    # --- store (lock held) -------------------------------------------------------------------
+    def _new_id(self, now: float) -> str:
+        # ObjectId-like: 8 hex of seconds, 8 random hex, 8 hex counter (unique within a server).
+        return f"{int(now) & 0xFFFFFFFF:08x}{self.rng.getrandbits(32):08x}{next(self.id_counter) & 0xFFFFFFFF:08x}"
+
+    def create_or_match(
+        self, contacts: list[dict[str, Any]], append: list[str], run_dedupe: bool
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Store the contacts (or match them when run_dedupe) and return the response body."""
+        created, existing = [], []
+        for contact in contacts:
+            email, name = _email_key(contact), _name_key(contact)
+            if run_dedupe:
+                match = self.by_email.get(email) if email else (self.by_name.get(name) if name else None)
+                if match is not None:
+                    existing.append(_public(match))
+                    continue
+            now = self.clock()
+            record = dict(contact)
+            record["id"] = self._new_id(now)
+            record["label_names"] = _merge_labels(contact.get("label_names", []), append)
+            record["typed_custom_fields"] = dict(contact.get("typed_custom_fields", {}))
+            record["phone_numbers"] = [{"raw_number": contact[p]} for p in settings.PHONE_FIELDS if contact.get(p)]
+            record["created_at"] = record["updated_at"] = _iso(now)
+            self.store.append(record)
+            if email:
+                self.by_email.setdefault(email, record)
+            if name:
+                self.by_name.setdefault(name, record)
+            created.append(_public(record))
+        self.created += len(created)
+        self.existing += len(existing)
+        if self.config.shuffle:
+            self.rng.shuffle(created)
+            self.rng.shuffle(existing)
+        return {"created_contacts": created, "existing_contacts": existing}
+
+    def draw_fault(self) -> str | None:
+        """One draw per configured fault kind, in order; the first that fires wins (lock held)."""
+        for kind in FAULT_KINDS:
+            p = getattr(self.config, kind)
+            if p > 0 and self.rng.random() < p:
+                self.faults[kind] += 1
+                return kind
+        return None
+
+    # --- snapshots (take the lock) -----------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the counters."""
+        with self.lock:
+            return {
+                "requests": self.requests,
+                "status_counts": dict(self.status_counts),
+                "faults": dict(self.faults),
+                "contacts_stored": len(self.store),
+                "max_contacts_in_request": self.max_contacts_in_request,
+                "created": self.created,
+                "existing": self.existing,
+            }
+
+    def contacts(self) -> list[dict[str, Any]]:
+        """Copies of every stored contact, in creation order."""
+        with self.lock:
+            return json.loads(json.dumps(self.store))
+
+
+def _iso(now: float) -> str:
+    return datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _merge_labels(*lists: list[str]) -> list[str]:
+    """Union of label lists, first occurrence order kept, no repeats."""
+    return list(dict.fromkeys(itertools.chain.from_iterable(lists)))
+
+
+def _email_key(contact: dict[str, Any]) -> str | None:
+    email = (contact.get("email") or "").strip().lower()
+    return email or None
+
+
+def _name_key(contact: dict[str, Any]) -> tuple[str, str, str] | None:
+    parts = tuple((contact.get(f) or "").strip().lower() for f in ("first_name", "last_name", "organization_name"))
+    return parts if all(parts) else None  # type: ignore[return-value]
+
+
+def _public(contact: dict[str, Any]) -> dict[str, Any]:
+    """The contact as the endpoint returns it."""
+    return {name: contact.get(name) for name in _RESPONSE_FIELDS}
