@@ -20,9 +20,10 @@ from apollo_sync.sources import SourceOptions, read_source
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def people(postgres):  # noqa: F811
-    """A PostgreSQL table with integer, text, timestamptz and numeric columns."""
+    """A PostgreSQL table with integer, text, timestamptz and numeric columns (made afresh for each test: the
+    ``postgres`` fixture is per test, so it checks each test that reaches it is marked e2e)."""
     import adbc_driver_postgresql.dbapi as driver
 
     with driver.connect(postgres.url, autocommit=True) as conn, conn.cursor() as cur:
