@@ -32,10 +32,8 @@ from pathlib import Path
 import httpx
 import polars as pl
 
-from apollo_sync.client import ApolloClient
 from apollo_sync.ledger import open_ledger, target_for
-from apollo_sync.loader import LoadSession
-from apollo_sync.pacing import Pacer
+from apollo_sync.load import ApolloClient, LoadConfig, LoadSession, Pacer
 from apollo_sync.sandbox import SandboxConfig, SandboxProcess, SandboxServer
 
 KEY = "sandbox-key"
@@ -82,8 +80,8 @@ class _StampingPacer(Pacer):
 async def _paced_run(base_url: str, n_requests: int, concurrency: int) -> list[float]:
     pacer = _StampingPacer()
     async with ApolloClient(base_url, KEY, timeout=10.0) as client:
-        session = LoadSession(client, pacer, None, target="bench", chunk_size=1, concurrency=concurrency,
-                              run_dedupe=True)
+        config = LoadConfig("bench", chunk_size=1, concurrency=concurrency, run_dedupe=True)
+        session = LoadSession(client, pacer, None, config)
         await session.load(session.make_chunks(contacts(n_requests)))
     return pacer.sent
 
@@ -160,8 +158,8 @@ async def _loader(base_url: str, frame: pl.DataFrame, concurrency: int, chunk_si
     try:
         to_send = ledger.plan(target, frame)[0] if ledger else frame
         async with ApolloClient(base_url, KEY, timeout=30.0) as client:
-            session = LoadSession(client, Pacer(), ledger, target=target, concurrency=concurrency,
-                                  chunk_size=chunk_size, run_id="bench")
+            config = LoadConfig(target, run_id="bench", concurrency=concurrency, chunk_size=chunk_size)
+            session = LoadSession(client, Pacer(), ledger, config)
             result = await session.load(session.make_chunks(to_send))
         return int(result.outcomes["outcome"].is_in(["created", "existing"]).sum())
     finally:

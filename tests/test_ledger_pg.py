@@ -18,11 +18,9 @@ from collections import Counter
 import polars as pl
 import pytest
 
-from apollo_sync.client import ApolloClient
 from apollo_sync.errors import InputError
 from apollo_sync.ledger import LEDGER_FILE, Ledger, PostgresLedger, open_ledger, target_for
-from apollo_sync.loader import LoadSession
-from apollo_sync.pacing import Pacer
+from apollo_sync.load import ApolloClient, LoadConfig, LoadSession, Pacer
 from loader_helpers import make_contacts, stored_emails
 from services import PG_PASSWORD, postgres  # noqa: F401 - fixture
 
@@ -205,8 +203,8 @@ def test_two_loaders_over_overlapping_rows_send_each_contact_once(new_ledger, sa
         ledger = new_ledger()
         to_send, _ = ledger.plan(target, part)
         async with ApolloClient(sandbox.gateway_base_url, "sandbox-key") as client:
-            session = LoadSession(client, Pacer(), ledger, target=target, run_id=run_id, chunk_size=10,
-                                  concurrency=2, run_dedupe=False)  # fmt: skip
+            config = LoadConfig(target, run_id=run_id, chunk_size=10, concurrency=2, run_dedupe=False)
+            session = LoadSession(client, Pacer(), ledger, config)
             return await session.load(session.make_chunks(to_send)), session
 
     async def both():

@@ -31,9 +31,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from apollo_sync.client import RateInfo
+from apollo_sync.load.rates import RateInfo
 
-logger = logging.getLogger("apollo_sync.pacing")
+logger = logging.getLogger(__name__)
 
 LOG_WAIT_SECONDS = 5.0
 """A wait longer than this is logged at INFO, naming the window."""

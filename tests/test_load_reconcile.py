@@ -6,7 +6,7 @@ import random
 
 from hypothesis import given, settings as hsettings, strategies as st
 
-from apollo_sync.reconcile import SentRow, reconcile
+from apollo_sync.load.reconcile import SentRow, reconcile
 
 
 def contact(id_, email=None, first=None, last=None, org=None):

@@ -1,6 +1,10 @@
 """Issue 4's proof: faults on, every row exactly once; a re-run sends nothing; a kill -9 mid-way loses nothing.
 
-Short timeouts keep this file quick: the client gives up after 0.5 s and "slow" answers take 1 s.
+These run in real time on purpose: a slow answer really outlasts the client's timeout, and the retry's settle
+wait really lets the server store the first attempt before the retry's dedupe looks, which is what keeps every
+contact to one copy. A fake clock cannot show that. The rate windows, though, are on a fake clock shared by the
+sandbox and the pacer (the pacer's waits step it), so no test waits for a wall-clock window. Short timeouts keep
+this file quick: the client gives up after 0.5 s and "slow" answers take 1 s.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import polars as pl
-from loader_helpers import make_contacts, plan_and_load, stored_emails
+from loader_helpers import SteppingClock, make_contacts, plan_and_load, stored_emails
 
 from apollo_sync.sandbox import SandboxConfig, SandboxProcess
 
@@ -25,10 +29,12 @@ TESTS_DIR = Path(__file__).parent
 
 
 def test_6000_contacts_through_every_fault_land_exactly_once(sandbox_factory, tmp_path):
-    sb = sandbox_factory(rate=12, window=1, seed=2026, **FAULTS)
+    clock = SteppingClock()
+    sb = sandbox_factory(rate=12, window=1, seed=2026, clock=clock, **FAULTS)
     contacts = make_contacts(6000)
     result, session, unchanged = asyncio.run(
-        plan_and_load(sb.gateway_base_url, contacts, tmp_path, run_dedupe=False, timeout=0.5, backoff_base=0.2)
+        plan_and_load(sb.gateway_base_url, contacts, tmp_path, run_dedupe=False, timeout=0.5, backoff_base=0.2,
+                      pacer=clock.pacer())
     )
     outcomes = result.outcomes
     assert outcomes.height == 6000 and outcomes["source_row"].n_unique() == 6000  # one outcome per row
@@ -41,6 +47,7 @@ def test_6000_contacts_through_every_fault_land_exactly_once(sandbox_factory, tm
     assert stats["status_counts"].get("429", 0) < 0.05 * successes
     assert sum(stats["faults"].values()) > 0 and session.stats.retries > 0  # the faults did fire
     assert session.stats.dedupe_forced > 0
+    assert sum(clock.sleeps) >= 60 / 12 - 1  # 60 requests or more at 12 a (fake) second: the pacer waited them out
     # An immediate re-run with the same ledger sends nothing.
     before = stats["requests"]
     again, session2, unchanged2 = asyncio.run(plan_and_load(sb.gateway_base_url, contacts, tmp_path, timeout=0.5))

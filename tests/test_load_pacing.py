@@ -7,8 +7,7 @@ import logging
 
 import pytest
 
-from apollo_sync.client import RateInfo, WindowInfo
-from apollo_sync.pacing import Pacer
+from apollo_sync.load import Pacer, RateInfo, WindowInfo
 
 
 class FakeClock:
@@ -124,13 +123,13 @@ def test_apollo_windows_are_clock_aligned_and_a_long_wait_is_logged(caplog):
         pacer = make_pacer(clock)
         ticket = await pacer.acquire()
         pacer.observe(apollo(minute=(200, 150), hourly=(400, 0)), ticket)
-        with caplog.at_level(logging.INFO, logger="apollo_sync.pacing"):
+        with caplog.at_level(logging.INFO, logger="apollo_sync.load.pacing"):
             await pacer.acquire()
         return pacer
 
     pacer = run(scenario())
     assert clock.sleeps == [pytest.approx(1_800.0)]  # the hourly window resets on the hour
-    messages = [r.getMessage() for r in caplog.records if r.name == "apollo_sync.pacing"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "apollo_sync.load.pacing"]
     assert len(messages) == 1 and "hourly" in messages[0] and "1800 s" in messages[0] and "400" in messages[0]
     snap = pacer.snapshot()
     assert snap["hourly"]["left"] == 399 and snap["minute"]["left"] == 199

@@ -10,9 +10,10 @@ from email.utils import formatdate
 
 import httpx
 import pytest
+from sandbox_fixtures import FakeClock
 
-from apollo_sync.client import ApolloClient, RateInfo, RateLimited, TransportFailure, auth_for, parse_retry_after
-from apollo_sync.errors import ApolloAPIError, AuthError, ConfigError, InputError
+from apollo_sync.errors import ApolloAPIError, AuthError, ConfigError, InputError, RateLimited, TransportFailure
+from apollo_sync.load import ApolloClient, RateInfo, auth_for, parse_retry_after
 
 KEY = "sandbox-key"
 SECRET = "sk-live-DO-NOT-LEAK-1234567890"
@@ -120,14 +121,17 @@ def test_403_and_non_json_errors():
 
 
 def test_429_is_rate_limited_with_retry_after_and_windows(sandbox_factory):
-    sb = sandbox_factory(rate=1, window=60)
+    # The sandbox's minute windows are aligned to its clock: 1_700_000_000 is 20 s into one, 40 s before the next.
+    clock = FakeClock(1_700_000_000.0)
+    sb = sandbox_factory(rate=1, window=60, clock=clock)
     run(create(sb.gateway_base_url, [{"email": "a@x.io"}]))
+    clock.advance(10.5)
     with pytest.raises(RateLimited) as info:
         run(create(sb.gateway_base_url, [{"email": "b@x.io"}]))
-    assert info.value.status == 429 and 1 <= info.value.retry_after <= 60
+    assert info.value.status == 429 and info.value.retry_after == 30  # whole seconds, rounded up from 29.5
     (window,) = info.value.rate.windows
     assert window.name == "gateway" and window.limit == 1 and window.remaining == 0
-    assert 0 < window.reset_after <= 60
+    assert window.reset_after == pytest.approx(29.5)
     with pytest.raises(RateLimited) as info:
         run(create(sb.apollo_base_url, [{"email": "c@x.io"}]))
     assert "minute" in info.value.message

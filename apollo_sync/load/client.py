@@ -1,118 +1,29 @@
 """Async client for Apollo's Bulk Create Contacts endpoint, direct or through the AISA gateway.
 
 One call, :meth:`ApolloClient.bulk_create`, sends at most 100 contacts and returns what the endpoint created and
-matched, plus the rate-limit windows its headers reported (:class:`RateInfo`, both header families). Error answers in
-either error shape become :class:`~apollo_sync.errors.ApolloAPIError` (``AuthError`` for 401/403,
-:class:`RateLimited` for 429; each carries the answer's ``rate``); a request whose answer never came (timeout, dropped connection) becomes
-:class:`TransportFailure`, which says whether the request may have landed. The API key is held privately and never
-appears in an exception, a repr or a log line.
+matched, plus the rate-limit windows its headers reported (:class:`~apollo_sync.load.rates.RateInfo`, both header
+families). Error answers in either error shape become :class:`~apollo_sync.errors.ApolloAPIError` (``AuthError`` for
+401/403, ``RateLimited`` for 429; each carries the answer's ``rate``); a request whose answer never came (timeout,
+dropped connection) becomes :class:`~apollo_sync.errors.TransportFailure`, which says whether the request may have
+landed. The API key is held privately and never appears in an exception, a repr or a log line.
 """
 
 from __future__ import annotations
 
-import email.utils
 import json
-import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import httpx
 
 from apollo_sync import settings
-from apollo_sync.errors import ApolloAPIError, ApolloSyncError, AuthError, ConfigError, InputError
+from apollo_sync.errors import ApolloAPIError, AuthError, ConfigError, InputError, RateLimited, TransportFailure
+from apollo_sync.load.rates import RateInfo
 
 AuthMode = Literal["auto", "bearer", "x-api-key"]
 
 _REDACTED = "***"
-_EPOCH_THRESHOLD = 1e9
-"""A gateway ``X-RateLimit-Reset`` above this is an epoch time in seconds, otherwise seconds from now."""
-
-
-# --- Rate-limit headers ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WindowInfo:
-    """One rate-limit window as an answer reported it.
-
-    ``name`` is ``"minute"``, ``"hourly"`` or ``"daily"`` (Apollo direct) or ``"gateway"``. ``reset_after`` is the
-    number of seconds from the answer until the window resets (the gateway sends it; Apollo does not).
-    ``length`` is the window's length in seconds when known (Apollo's fixed windows).
-    """
-
-    name: str
-    limit: int | None
-    remaining: int | None
-    reset_after: float | None = None
-    length: float | None = None
-
-
-@dataclass(frozen=True)
-class RateInfo:
-    """Every rate-limit window found in an answer's headers, plus ``Retry-After`` (seconds) if sent."""
-
-    windows: tuple[WindowInfo, ...] = ()
-    retry_after: float | None = None
-
-    @classmethod
-    def from_headers(cls, headers: Mapping[str, str], *, now: float | None = None) -> RateInfo:
-        """Parse both header families. ``now`` (epoch seconds) converts an epoch ``Reset`` to a delay."""
-        lower = {k.lower(): v for k, v in headers.items()}
-        now = time.time() if now is None else now
-        windows: list[WindowInfo] = []
-        for name, length in settings.APOLLO_WINDOWS.items():
-            limit = _number(lower.get(f"x-rate-limit-{name}"))
-            left = _number(lower.get(f"x-{name}-requests-left"))
-            usage = _number(lower.get(f"x-{name}-usage"))
-            if left is None and limit is not None and usage is not None:
-                left = limit - usage
-            if limit is None and left is None:
-                continue
-            windows.append(WindowInfo(name, _int(limit), _int(left), None, length))
-        g_limit = _number(lower.get(settings.GATEWAY_LIMIT_HEADER.lower()))
-        g_left = _number(lower.get(settings.GATEWAY_REMAINING_HEADER.lower()))
-        g_reset = _number(lower.get(settings.GATEWAY_RESET_HEADER.lower()))
-        if g_limit is not None or g_left is not None:
-            if g_reset is not None and g_reset > _EPOCH_THRESHOLD:
-                g_reset = g_reset - now
-            if g_reset is not None:
-                g_reset = max(0.0, g_reset)
-            windows.append(WindowInfo("gateway", _int(g_limit), _int(g_left), g_reset, None))
-        return cls(tuple(windows), parse_retry_after(lower.get(settings.RETRY_AFTER_HEADER.lower()), now=now))
-
-
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """``Retry-After`` as seconds to wait: a number of seconds or an HTTP date; None if absent or unreadable."""
-    if value is None:
-        return None
-    seconds = _number(value)
-    if seconds is not None:
-        return max(0.0, seconds)
-    try:
-        when = email.utils.parsedate_to_datetime(value.strip())
-    except (TypeError, ValueError, IndexError):
-        return None
-    now = time.time() if now is None else now
-    return max(0.0, when.timestamp() - now)
-
-
-def _number(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        number = float(value.strip())
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _int(value: float | None) -> int | None:
-    return None if value is None else int(value)
-
-
-# --- Answers and errors ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -123,32 +34,6 @@ class BulkCreateResponse:
     existing: list[dict[str, Any]]
     rate: RateInfo
     status: int = 200
-
-
-class RateLimited(ApolloAPIError):
-    """429: a rate window is spent. ``retry_after`` in seconds (None if not sent); ``rate`` the windows reported."""
-
-    def __init__(self, message: str, *, retry_after: float | None, rate: RateInfo, request_id: str | None = None):
-        super().__init__(429, message, request_id)
-        self.retry_after = retry_after
-        self.rate = rate
-
-
-class TransportFailure(ApolloSyncError):
-    """No usable answer: a timeout, a dropped connection or an unreadable 2xx body.
-
-    ``maybe_landed`` is False only when the request provably never reached the server (connect failures, pool
-    timeouts); otherwise the contacts may have been stored and a retry must run with ``run_dedupe`` true.
-    ``kind`` is ``"timeout"``, ``"connection"`` or ``"bad_answer"``.
-    """
-
-    exit_code = 1
-
-    def __init__(self, kind: str, message: str, *, maybe_landed: bool):
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.maybe_landed = maybe_landed
 
 
 # --- The client -----------------------------------------------------------------------------------------------------
@@ -230,7 +115,9 @@ class ApolloClient:
         try:
             response = await self._http.post(settings.BULK_CREATE_PATH, content=body)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise TransportFailure("connection", self._scrub(f"could not connect: {exc!r}"), maybe_landed=False) from None
+            raise TransportFailure(
+                "connection", self._scrub(f"could not connect: {exc!r}"), maybe_landed=False
+            ) from None
         except httpx.TimeoutException as exc:
             raise TransportFailure(
                 "timeout", self._scrub(f"no answer within {self.timeout}s: {exc!r}"), maybe_landed=True
@@ -254,15 +141,11 @@ class ApolloClient:
         status = response.status_code
         message, request_id = _error_details(response)
         message = self._scrub(message)
-        error: ApolloAPIError
         if status == 429:
-            error = RateLimited(message, retry_after=rate.retry_after, rate=rate, request_id=request_id)
-        elif status in (401, 403):
-            error = AuthError(status, message, request_id)
-        else:
-            error = ApolloAPIError(status, message, request_id)
-        error.rate = rate  # the rate windows of the error answer, for the pacer
-        return error
+            return RateLimited(message, retry_after=rate.retry_after, rate=rate, request_id=request_id)
+        if status in (401, 403):
+            return AuthError(status, message, request_id, rate)
+        return ApolloAPIError(status, message, request_id, rate)
 
     def _scrub(self, text: str) -> str:
         """Remove the key from text that came from elsewhere (an echoed header, an exception)."""

@@ -1,0 +1,135 @@
+"""The rows of a load as the session handles them: chunks cut from prepare()'s contacts, the plain lists one
+request sends, and the outcomes frame every row ends in (pure polars and lists; no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Mapping, Sequence
+
+import polars as pl
+
+from apollo_sync.clean.payload import payload_fields, with_payload
+from apollo_sync.errors import InputError
+from apollo_sync.load.reconcile import SentRow
+
+OUTCOMES_SCHEMA = {
+    "source_row": pl.Int64,
+    "email": pl.String,
+    "outcome": pl.String,
+    "apollo_id": pl.String,
+    "reason": pl.String,
+}
+"""The outcomes frame every ``load`` returns (common contract)."""
+
+REQUIRED_COLUMNS = ("source_row", "identity")
+OPTIONAL_COLUMNS = ("fingerprint", "email", "first_name", "last_name", "organization_name")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """At most ``chunk_size`` rows sent in one request; ``must_dedupe`` chunks always go with ``run_dedupe``."""
+
+    number: int
+    rows: pl.DataFrame
+    must_dedupe: bool = False
+
+    def __len__(self) -> int:
+        return self.rows.height
+
+
+def cut_chunks(to_send: pl.DataFrame, chunk_size: int, first_number: int = 0) -> list[Chunk]:
+    """Cut ``to_send`` into chunks of at most ``chunk_size`` rows, numbered from ``first_number``.
+
+    Needs ``source_row`` and ``identity``; ``fingerprint``, ``email``, ``first_name``, ``last_name``,
+    ``organization_name`` and ``must_dedupe`` are used when present. The JSON sent per row is its ``payload``
+    column, or when there is none it is written here from the Apollo field columns (prepare()'s contacts) by
+    :func:`apollo_sync.clean.payload.with_payload`. Rows that must be deduped are chunked apart, so they do not
+    force dedupe on new rows.
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in to_send.columns]
+    if "payload" not in to_send.columns and not payload_fields(to_send.columns):
+        missing.append("payload")
+    if missing:
+        raise InputError(f"rows to load lack column(s) {', '.join(missing)}; pass the contacts from prepare()")
+    if "payload" not in to_send.columns:
+        to_send = with_payload(to_send)
+    frame = to_send.with_columns(
+        [pl.lit(None, dtype=pl.String).alias(c) for c in OPTIONAL_COLUMNS if c not in to_send.columns]
+    )
+    if "must_dedupe" not in frame.columns:
+        frame = frame.with_columns(must_dedupe=pl.lit(False))
+    frame = frame.select(
+        pl.col("source_row").cast(pl.Int64),
+        *[pl.col(c).cast(pl.String) for c in ("identity", "payload", *OPTIONAL_COLUMNS)],
+        pl.col("must_dedupe").fill_null(True).cast(pl.Boolean),
+    )
+    chunks: list[Chunk] = []
+    for flag in (False, True):
+        part = frame.filter(pl.col("must_dedupe") == flag).drop("must_dedupe")
+        for start in range(0, part.height, chunk_size):
+            chunks.append(Chunk(first_number + len(chunks), part.slice(start, chunk_size), flag))
+    return chunks
+
+
+@dataclass
+class RequestRows:
+    """The rows of one request as plain lists (cheap to slice when bisecting)."""
+
+    source_row: list[int]
+    identity: list[str]
+    fingerprint: list[str | None]
+    payload: list[str]
+    email: list[str | None]
+    sent: list[SentRow]
+
+    def __len__(self) -> int:
+        return len(self.payload)
+
+    def slice(self, start: int, stop: int) -> RequestRows:
+        return RequestRows(*(getattr(self, f.name)[start:stop] for f in fields(self)))
+
+    @classmethod
+    def of(cls, frame: pl.DataFrame) -> RequestRows:
+        cols = {c: frame[c].to_list() for c in frame.columns}
+        sent = [
+            SentRow(e, f, l, o)
+            for e, f, l, o in zip(cols["email"], cols["first_name"], cols["last_name"], cols["organization_name"])
+        ]
+        return cls(cols["source_row"], cols["identity"], cols["fingerprint"], cols["payload"], cols["email"], sent)
+
+
+@dataclass
+class RowOutcome:
+    """How one sent row ended: ``outcome`` (created, existing, failed, unconfirmed), its Apollo id, a reason."""
+
+    outcome: str
+    apollo_id: str | None
+    reason: str | None
+
+
+def outcomes_frame(rows: RequestRows, outcomes: Sequence[RowOutcome]) -> pl.DataFrame:
+    """The outcomes of ``rows`` (same order) as an ``OUTCOMES_SCHEMA`` frame."""
+    return pl.DataFrame(
+        {
+            "source_row": rows.source_row,
+            "email": rows.email,
+            "outcome": [o.outcome for o in outcomes],
+            "apollo_id": [o.apollo_id for o in outcomes],
+            "reason": [o.reason for o in outcomes],
+        },
+        schema=OUTCOMES_SCHEMA,
+    )
+
+
+def claimed_elsewhere(rows: pl.DataFrame, refused: Mapping[str, str]) -> pl.DataFrame:
+    """``duplicate`` outcomes for the rows whose identity another live run holds (``refused``: identity -> run)."""
+    return rows.select(
+        pl.col("source_row"),
+        pl.col("email"),
+        pl.lit("duplicate").alias("outcome"),
+        pl.lit(None, pl.String).alias("apollo_id"),
+        pl.format(
+            "claimed by another partition (run {})",
+            pl.col("identity").replace_strict(refused, return_dtype=pl.String),
+        ).alias("reason"),
+    ).cast(OUTCOMES_SCHEMA)
