@@ -1,7 +1,9 @@
 """The ``apollo-sync`` command line: ``run``, ``demo`` and ``sandbox``.
 
-Bad input is caught before Prefect starts (a second, not ten): the source is opened, the mapping read and the
-columns checked first, so a mistake costs one clear line on stderr, exit code 2, and nothing sent.
+``run``'s flags are made from the run's settings (:mod:`apollo_sync.params`): one flag per field, named after it
+(``--chunk-size``; ``--label`` and ``--no-dedupe`` are the two exceptions), grouped in ``--help`` as the Prefect
+form groups them, so a setting is declared once. Bad input is caught before Prefect starts (a second, not ten):
+the settings are validated, the source opened, the mapping read and the columns checked first, so a mistake costs one clear line on stderr, exit code 2, and nothing sent.
 
 Exit codes: 0 every row accounted for and none failed; 1 some rows failed or stayed unconfirmed (the report says
 which), or the run stopped (a wrong key); 2 bad input or usage, nothing sent.
@@ -10,19 +12,26 @@ which), or the run stopped (a wrong key); 2 bad input or usage, nothing sent.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import sys
 import tempfile
+import types
+import typing
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.table import Table
 
 from apollo_sync import settings
 from apollo_sync.errors import ApolloSyncError, InputError
+from apollo_sync.params import FIELD_GROUPS, RUN_GROUPS, SyncParams, flow_parameters, sync_params
+from apollo_sync.sync import preflight
 
 app = typer.Typer(
     name="apollo-sync",
@@ -36,82 +45,109 @@ out = Console()
 SAMPLE_CSV = Path(__file__).parent / "data" / "sample_contacts.csv"
 
 
-class Auth(str, Enum):
-    auto = "auto"
-    bearer = "bearer"
-    x_api_key = "x-api-key"
+# --- run: flags made from the settings model ---------------------------------------------------------------------
+
+FLAG_NAMES = {"labels": "--label", "run_dedupe": "--no-dedupe"}
+"""Settings whose flag is not ``--<name>``: ``--label`` repeats, ``--no-dedupe`` turns dedupe off."""
+ENV_VARS = {"base_url": settings.ENV_BASE_URL}
+INVERTED = frozenset({"run_dedupe"})
+"""Switches that turn a setting that defaults to true off."""
 
 
-class Format(str, Enum):
-    csv = "csv"
-    tsv = "tsv"
-    parquet = "parquet"
-    json = "json"
-    ndjson = "ndjson"
-    xlsx = "xlsx"
+def flag_for(name: str) -> str:
+    """The ``run`` flag of a setting's flat name (``chunk_size`` -> ``--chunk-size``; ``source`` is the argument)."""
+    return "SOURCE" if name == "source" else FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
 
 
-@app.command()
-def run(
-    source: Annotated[str, typer.Argument(help="File, glob, sqlite:///… or postgresql://… (with --query), s3:// or https:// URL.")],
-    mapping: Annotated[Optional[Path], typer.Option(help="TOML file mapping source columns to Apollo fields.")] = None,
-    label: Annotated[Optional[list[str]], typer.Option("--label", help="Label added to every contact (repeatable).")] = None,
-    no_dedupe: Annotated[bool, typer.Option("--no-dedupe", help="Let Apollo create duplicates of existing contacts (retries still dedupe).")] = False,
-    chunk_size: Annotated[int, typer.Option(min=1, max=settings.MAX_CONTACTS_PER_REQUEST, help="Contacts per request.")] = settings.DEFAULT_CHUNK_SIZE,
-    concurrency: Annotated[int, typer.Option(min=1, max=32, help="Requests in flight.")] = settings.DEFAULT_CONCURRENCY,
-    timeout: Annotated[float, typer.Option(min=0.1, max=600, help="Seconds to wait for one answer.")] = settings.DEFAULT_TIMEOUT_SECONDS,
-    base_url: Annotated[str, typer.Option(envvar=settings.ENV_BASE_URL, help="Gateway (default) or https://api.apollo.io/api/v1.")] = settings.GATEWAY_BASE_URL,
-    api_key: Annotated[Optional[str], typer.Option(help=f"API key (prefer the {settings.ENV_API_KEY} environment variable or a Secret block).", show_default=False)] = None,
-    api_key_block: Annotated[str, typer.Option(help="Prefect Secret block holding the key, used when present.")] = settings.DEFAULT_SECRET_BLOCK,
-    auth: Annotated[Auth, typer.Option(help="How the key is sent; auto follows the host.")] = Auth.auto,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Read, clean and plan; send nothing.")] = False,
-    report_dir: Annotated[Optional[Path], typer.Option(help="Where summary.json and results go (default: under --state-dir).")] = None,
-    state_dir: Annotated[Path, typer.Option(help="Where the sync ledger lives.")] = Path(settings.DEFAULT_STATE_DIR),
-    state_url: Annotated[Optional[str], typer.Option(help="postgresql://… ledger shared by several workers (instead of --state-dir's).", show_default=False)] = None,
-    full_refresh: Annotated[bool, typer.Option("--full-refresh", help="Ignore the ledger; send every valid row.")] = False,
-    max_rpm: Annotated[Optional[int], typer.Option(min=1, help="Requests per minute at most when the API sends no rate headers.")] = None,
-    rate_limit_name: Annotated[Optional[str], typer.Option(help="Prefect global rate limit shared by all runs.")] = None,
-    phone_region: Annotated[str, typer.Option(help="Region for phones without a country code.")] = settings.DEFAULT_PHONE_REGION,
-    format: Annotated[Optional[Format], typer.Option("--format", help="Source format when the extension does not say.")] = None,
-    delimiter: Annotated[Optional[str], typer.Option(help="CSV delimiter (detected when absent).")] = None,
-    encoding: Annotated[str, typer.Option(help="Source text encoding.")] = "utf-8",
-    query: Annotated[Optional[str], typer.Option(help="SQL query or table for database sources.")] = None,
-    cursor_column: Annotated[Optional[str], typer.Option(help="Incremental SQL: read rows past the last confirmed value.")] = None,
-) -> None:
+def _flag_type(annotation: Any) -> Any:
+    """The type Typer gets for a field: ``X | None`` as ``Optional[X]``, lists as optional lists."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return Optional[_flag_type(args[0])]
+    if typing.get_origin(annotation) is list:
+        return Optional[list[args[0]]]  # type: ignore[valid-type]
+    return annotation
+
+
+def _bounds(field: FieldInfo) -> dict[str, Any]:
+    """min/max for Typer from a field's ge/le constraints (``--help`` shows the range; a ``gt`` bound is left to
+    the model, whose message names the flag)."""
+    bounds: dict[str, Any] = {}
+    for rule in field.metadata:
+        for attr, key in (("ge", "min"), ("le", "max")):
+            if getattr(rule, attr, None) is not None:
+                bounds[key] = getattr(rule, attr)
+    return bounds
+
+
+def run_flags() -> list[inspect.Parameter]:
+    """One Typer parameter per settings field (flat names, see ``params.FIELD_GROUPS``), each in its group's help
+    panel, in the order the Prefect form shows them; plus ``--api-key``."""
+    flags = []
+    for flat, (group, name) in FIELD_GROUPS.items():
+        field = RUN_GROUPS[group].model_fields[name]
+        help_text = " ".join(filter(None, [f"{field.title}." if field.title else None, field.description]))
+        if flat in INVERTED:
+            help_text = f"Turn off: {help_text}"
+        if flat == "source":
+            info: Any = typer.Argument(..., help=help_text, show_default=False)
+            flags.append(inspect.Parameter(flat, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=str))
+            continue
+        default = field.get_default(call_default_factory=True)
+        if field.annotation is bool:
+            default = False  # a switch changes the default: --dry-run, --full-refresh, --no-dedupe
+        info = typer.Option(
+            None if isinstance(default, list) else default.value if isinstance(default, Enum) else default,
+            flag_for(flat), help=help_text, rich_help_panel=group.capitalize(), envvar=ENV_VARS.get(flat),
+            show_default=default not in (None, False, []), **_bounds(field),
+        )  # fmt: skip
+        flags.append(inspect.Parameter(flat, inspect.Parameter.KEYWORD_ONLY, default=info,
+                                       annotation=_flag_type(field.annotation)))  # fmt: skip
+    api_key = typer.Option(None, "--api-key", show_default=False, rich_help_panel="Apollo",
+                           help=f"API key for this run only, never stored (prefer the {settings.ENV_API_KEY} "
+                           "environment variable or a Secret block).")  # fmt: skip
+    flags.append(inspect.Parameter("api_key", inspect.Parameter.KEYWORD_ONLY, default=api_key, annotation=Optional[str]))
+    return flags
+
+
+def params_from_flags(flags: dict[str, Any]) -> SyncParams:
+    """The run's settings from ``run``'s parsed flags (unset ones keep the model's default); InputError naming
+    the flag when a value is refused."""
+    given = {}
+    for flat, value in flags.items():
+        if flat in INVERTED:
+            value = not value
+        if value is None or value == [] or (isinstance(value, bool) and value == (flat in INVERTED)):
+            continue
+        given[flat] = value.value if isinstance(value, Enum) else value
+    try:
+        return sync_params(**given)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        group, name = (list(error["loc"]) + ["", ""])[:2]
+        flat = next((f for f, where in FIELD_GROUPS.items() if where == (group, name)), None)
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise InputError(f"{flag_for(flat) if flat else 'settings'}: {message}") from None
+
+
+def run(**flags: Any) -> None:
     """Sync SOURCE into Apollo and report every row's outcome."""
-    params = dict(
-        source=source,
-        base_url=base_url,
-        labels=list(label or []),
-        run_dedupe=not no_dedupe,
-        chunk_size=chunk_size,
-        concurrency=concurrency,
-        timeout=timeout,
-        dry_run=dry_run,
-        report_dir=str(report_dir) if report_dir else None,
-        state_dir=str(state_dir),
-        state_url=state_url,
-        mapping=str(mapping) if mapping else None,
-        auth=auth.value,
-        api_key_block=None if api_key else api_key_block,
-        full_refresh=full_refresh,
-        max_rpm=max_rpm,
-        rate_limit_name=rate_limit_name,
-        phone_region=phone_region.upper(),
-        format=format.value if format else None,
-        delimiter=delimiter,
-        encoding=encoding,
-        query=query,
-        cursor_column=cursor_column,
-    )
+    api_key = flags.pop("api_key")
+    if api_key:
+        flags["api_key_block"] = None  # the key of this run is the one given, never a stored one
+    params = params_from_flags(flags)
     preflight(params)
     if api_key:
         os.environ[settings.ENV_API_KEY] = api_key  # read by the flow at run time; never a flow parameter
-    if not dry_run:
-        check_api_key(params["api_key_block"])
+    if not params.run.dry_run:
+        check_api_key(params.apollo.api_key_block)
     summary = run_flow(params)
     print_summary(summary)
     raise typer.Exit(exit_code_for(summary))
+
+
+run.__signature__ = inspect.Signature(run_flags())  # type: ignore[attr-defined]
+app.command()(run)
 
 
 @app.command()
@@ -124,13 +160,11 @@ def demo(
     with SandboxServer(SandboxConfig()) as sandbox, tempfile.TemporaryDirectory(prefix="apollo-sync-demo-") as state:
         os.environ[settings.ENV_API_KEY] = sandbox.config.api_key
         out.print(f"[bold]apollo-sync demo[/]: sandbox at {sandbox.gateway_base_url}, source {SAMPLE_CSV.name}")
-        params = dict(
-            source=str(SAMPLE_CSV), base_url=sandbox.gateway_base_url, labels=["apollo-sync demo"],
-            state_dir=state, report_dir=str(report_dir / "first-run"), api_key_block=None,
-        )
-        first = run_flow(params)
+        settings_of = dict(source=str(SAMPLE_CSV), base_url=sandbox.gateway_base_url, labels=["apollo-sync demo"],
+                           state_dir=state, api_key_block=None)  # fmt: skip
+        first = run_flow(sync_params(**settings_of, report_dir=str(report_dir / "first-run")))
         print_summary(first, title="First run")
-        second = run_flow({**params, "report_dir": str(report_dir / "second-run")})
+        second = run_flow(sync_params(**settings_of, report_dir=str(report_dir / "second-run")))
         print_summary(second, title="Second run: only what changed is sent")
         stats = sandbox.stats()
         out.print(
@@ -168,22 +202,6 @@ def sandbox(
     serve_forever(config, port)
 
 
-def preflight(params: dict) -> None:
-    """Open the source, read the mapping and check the columns, before Prefect starts; raises InputError."""
-    from apollo_sync import transform
-    from apollo_sync.sources import SourceOptions, read_source
-
-    if params["mapping"] and not Path(params["mapping"]).is_file():
-        raise InputError(f"mapping file not found: {params['mapping']}; pass an existing TOML file to --mapping")
-    options = SourceOptions(
-        format=params["format"], delimiter=params["delimiter"], encoding=params["encoding"], query=params["query"],
-        cursor_column=params["cursor_column"],
-    )
-    source = read_source(params["source"], options)
-    mapping = transform.load_mapping(params["mapping"]) if params["mapping"] else None
-    transform.prepare(source.frame.head(0), mapping=mapping, phone_region=params["phone_region"])
-
-
 def check_api_key(block_name: str | None) -> None:
     """Fail with one line (ConfigError, exit 2) before the flow starts when no key can be found.
 
@@ -196,11 +214,11 @@ def check_api_key(block_name: str | None) -> None:
     asyncio.run(resolve_api_key(block_name))
 
 
-def run_flow(params: dict) -> dict:
+def run_flow(params: SyncParams) -> dict:
     """Run the flow in this process (on PREFECT_API_URL's server when set, else an ephemeral one)."""
     from flows.sync_contacts import sync_contacts
 
-    return asyncio.run(sync_contacts(**params))
+    return asyncio.run(sync_contacts(**flow_parameters(params)))
 
 
 def exit_code_for(summary: dict) -> int:

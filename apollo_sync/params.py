@@ -90,7 +90,7 @@ class SourceParams(Group):
         description="A file or glob (csv, tsv, parquet, json, ndjson, xlsx), sqlite:///file.db or postgresql://… "
         "with a query, or an s3:// or https:// URL.",
     )
-    format: Format = Field(Format.auto, title="Format", description="The file format, when the extension does not say it.")
+    format: Format = Field(Format.auto, title="File format", description="The file format, when the extension does not say it.")
     delimiter: str | None = Field(
         None, min_length=1, max_length=3, title="CSV delimiter", description="One character (or tab); detected when empty."
     )
@@ -238,13 +238,17 @@ class PartitionParams(Group):
         title="Child deployment",
         description="A sync-contacts deployment on the work pool.",
     )
-    max_in_flight: int = Field(2, ge=1, le=100, title="Child runs at once")
+    max_in_flight: int = Field(
+        2, ge=1, le=100, title="Child runs at once", description="The shared rate limit bounds requests, not this."
+    )
     split_dir: str | None = Field(
         None,
         title="Directory for row-range parts",
         description="Every worker must read it (default: under the report directory).",
     )
-    poll_seconds: float = Field(5.0, gt=0, le=60, title="Seconds between child state checks")
+    poll_seconds: float = Field(
+        5.0, gt=0, le=60, title="Poll interval (s)", description="How often the parent checks whether a child finished."
+    )
 
 
 class SyncParams(BaseModel):
@@ -278,3 +282,32 @@ def ui_form(title: str, description: str | None = None) -> Any:
     """
     extra = {"title": title} | ({"description": description} if description else {})
     return Field(json_schema_extra=extra)
+
+
+FIELD_GROUPS: dict[str, tuple[str, str]] = {
+    ("source" if (group, name) == ("source", "path") else name): (group, name)
+    for group, model in RUN_GROUPS.items()
+    for name in model.model_fields
+}
+"""Each setting's flat name (as ``apollo-sync run`` flags and Python keywords spell it) -> (group, field).
+``source.path`` is plainly ``source``; every other field name is unique across the groups."""
+
+
+def sync_params(**fields: Any) -> SyncParams:
+    """Settings from flat names: ``sync_params(source="x.csv", base_url=..., dry_run=True)``.
+
+    Unknown names raise ``TypeError`` naming them; values are validated by the groups (``ValidationError``).
+    """
+    unknown = sorted(set(fields) - set(FIELD_GROUPS))
+    if unknown:
+        raise TypeError(f"unknown setting(s): {', '.join(unknown)}")
+    groups: dict[str, dict[str, Any]] = {group: {} for group in RUN_GROUPS}
+    for flat, value in fields.items():
+        group, name = FIELD_GROUPS[flat]
+        groups[group][name] = value
+    return SyncParams(**{group: values for group, values in groups.items() if values or group == "source"})
+
+
+def flow_parameters(params: SyncParams) -> dict[str, Group]:
+    """The keyword arguments of the ``sync-contacts`` flow for ``params`` (one per group)."""
+    return {group: getattr(params, group) for group in RUN_GROUPS}

@@ -84,6 +84,7 @@ def _reset(sandbox_url: str) -> None:
 async def _child(spec: dict) -> dict:
     """Run the measurements of ``spec`` (parts, sizes, repeats) against the sandbox at spec['sandbox_url']."""
     import bench_load
+    from apollo_sync.params import flow_parameters, sync_params
     from flows.sync_contacts import sync_contacts
 
     url = spec["sandbox_url"]
@@ -96,9 +97,9 @@ async def _child(spec: dict) -> dict:
         state = work / f"state-{runs[0]}"
         _reset(url)
         t0 = time.perf_counter()
-        summary = await sync_contacts(source=str(csv), base_url=base, state_dir=str(state),
-                                      report_dir=str(state / "report"), api_key_block=None,
-                                      concurrency=CONCURRENCY, chunk_size=CHUNK_SIZE)  # fmt: skip
+        summary = await sync_contacts(**flow_parameters(sync_params(
+            source=str(csv), base_url=base, state_dir=str(state), report_dir=str(state / "report"),
+            api_key_block=None, concurrency=CONCURRENCY, chunk_size=CHUNK_SIZE)))  # fmt: skip
         seconds = time.perf_counter() - t0
         if summary["created"] + summary["existing"] != n:
             raise RuntimeError(f"flow: {summary['created']} + {summary['existing']} of {n} contacts landed")

@@ -40,9 +40,10 @@ task-run recorder (its backlog is what prints 'Error flushing' tracebacks at exi
 
 RUN = """
 import asyncio, os, sys
+from apollo_sync.params import flow_parameters, sync_params
 from flows.sync_contacts import sync_contacts
-s = asyncio.run(sync_contacts(source=sys.argv[1], base_url=sys.argv[2], state_dir=sys.argv[3],
-                              report_dir=sys.argv[3] + "/report", api_key_block=None, full_refresh=True))
+s = asyncio.run(sync_contacts(**flow_parameters(sync_params(source=sys.argv[1], base_url=sys.argv[2],
+    state_dir=sys.argv[3], report_dir=sys.argv[3] + "/report", api_key_block=None, full_refresh=True))))
 assert s["created"] + s["existing"] == 10, s
 """
 

@@ -23,6 +23,7 @@ async def _profile(url: str, n: int, out: Path) -> float:
     from pyinstrument import Profiler
 
     import bench_flow
+    from apollo_sync.params import flow_parameters, sync_params
     from flows.sync_contacts import sync_contacts
 
     work = Path(tempfile.mkdtemp(prefix="apollo-sync-bench-profile-"))
@@ -31,8 +32,9 @@ async def _profile(url: str, n: int, out: Path) -> float:
 
     async def flow(csv: Path, name: str) -> None:
         bench_flow._reset(url)
-        await sync_contacts(source=str(csv), base_url=base, state_dir=str(work / name),
-                            report_dir=str(work / name / "report"), api_key_block=None)  # fmt: skip
+        await sync_contacts(**flow_parameters(sync_params(source=str(csv), base_url=base, state_dir=str(work / name),
+                                                          report_dir=str(work / name / "report"),
+                                                          api_key_block=None)))  # fmt: skip
 
     await flow(small, "warm-up")
     profiler = Profiler(async_mode="disabled", interval=0.001)

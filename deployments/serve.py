@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     sync_contacts.serve(
         name=args.name,
         schedules=[Cron(args.cron, timezone=args.timezone)] if args.cron else None,
-        parameters={"source": args.source} if args.source else None,
+        parameters={"source": {"path": args.source}} if args.source else None,
         tags=["apollo-sync"],
         limit=args.limit,
     )

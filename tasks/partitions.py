@@ -1,6 +1,9 @@
-"""The ``sync-partitions`` flow's Prefect side: split the source (a task), publish the merged run (artifacts).
+"""The ``sync-partitions`` flow's Prefect side: split the source (a task), run the children, publish the merged run.
 
-``split_source`` runs :func:`apollo_sync.partitions.plan_partitions` in a thread (it may query a database or write
+:func:`run_partitions` is the whole parent run: split, one ``sync-contacts`` child per partition through
+``arun_deployment`` on the child deployment (so any worker of its pool runs it), at most ``max_in_flight`` at once,
+then the merged summary. Children get the parent's own groups of settings (``apollo_sync.params``) with their
+partition as the source and their own report folder (:func:`child_parameters`). ``split_source`` runs :func:`apollo_sync.partitions.plan_partitions` in a thread (it may query a database or write
 Parquet parts). ``start_partition_progress``/``partition_done`` move a progress artifact per finished child, and
 ``publish_partitions`` writes the merged summary as markdown plus one table of problem rows gathered from the
 children's ``results.parquet`` (when the parent can read their report directories). Plain async functions add no
@@ -10,6 +13,8 @@ task runs.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,12 +28,15 @@ from prefect.artifacts import (
     aupdate_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_logger
+from prefect.deployments import arun_deployment
 
-from apollo_sync.partitions import Partition, plan_partitions
-from apollo_sync.report import RESULTS_PARQUET
-from apollo_sync.sources import SourceOptions
+from apollo_sync.errors import ApolloSyncError, InputError
+from apollo_sync.params import PartitionParams, SyncParams
+from apollo_sync.partitions import Partition, merge_summaries, plan_partitions, write_summary
 from apollo_sync.redact import redact_url
+from apollo_sync.report import RESULTS_PARQUET, summary_problems
+from apollo_sync.sources import SourceOptions
+from apollo_sync.sync import source_options
 from tasks.artifacts import MAX_PROBLEM_ROWS, summary_markdown
 
 PROGRESS_KEY = "apollo-sync-partitions-progress"
@@ -36,7 +44,11 @@ SUMMARY_KEY = "apollo-sync-partitions-summary"
 PROBLEMS_KEY = "apollo-sync-partitions-problems"
 PROBLEM_OUTCOMES = ("failed", "rejected", "unconfirmed")
 
-logger = get_logger("apollo_sync.partitions")
+logger = logging.getLogger("apollo_sync.partitions")
+
+
+class PartitionsFailed(ApolloSyncError):
+    """Some child runs did not complete; the merged summary lists them."""
 
 
 @task(name="split_source", cache_policy=NO_CACHE, persist_result=False)
@@ -114,3 +126,91 @@ async def publish_partitions(
         table=rows, key=PROBLEMS_KEY,
         description=f"Failed, rejected or unconfirmed rows (first {len(rows)})" if rows else "No problem rows",
     )  # fmt: skip
+
+
+# --- The parent run -------------------------------------------------------------------------------------------
+
+
+def child_parameters(part: Partition, params: SyncParams, report_path: Path) -> dict[str, Any]:
+    """A child run's parameters (JSON, one entry per group): the parent's settings, its partition as the source
+    (a file read with the parent's format options, a SQL key range, or a Parquet part), its own report folder."""
+    groups = params.model_dump(mode="json")
+    source: dict[str, Any] = {"path": part.source}
+    if part.kind == "sql":
+        source["query"] = part.query
+    elif part.kind == "file":
+        source |= {key: groups["source"][key] for key in ("format", "delimiter", "encoding")}
+    groups["source"] = source
+    groups["run"]["report_dir"] = str((report_path / f"partition-{part.number:03d}").resolve())
+    return groups
+
+
+async def run_partitions(params: SyncParams, partitioning: PartitionParams, parent_id: str) -> dict:
+    """Split ``params.source``, run one child per partition, merge and publish their summaries; returns the merged
+    summary (also written to ``summary.json``). Raises :class:`PartitionsFailed` after that when a child did not
+    complete."""
+    if params.source.cursor_column:
+        raise InputError("cursor_column does not work with sync-partitions: each partition would move one cursor")
+    started = time.monotonic()
+    run = params.run
+    report_path = Path(run.report_dir or Path(run.state_dir) / "runs" / f"partitions-{time.strftime('%Y%m%dT%H%M%S')}")
+    parts = await split_source(params.source.path, params.source.query, partitioning.partition_column,
+                               partitioning.partitions, partitioning.split_dir or str(report_path / "parts"),
+                               source_options(params.source))  # fmt: skip
+    logger.info("%d partitions of %s; %d child run(s) at once on %s", len(parts), redact_url(params.source.path),
+                partitioning.max_in_flight, partitioning.deployment)  # fmt: skip
+    progress = await start_partition_progress(len(parts))
+    slots = asyncio.Semaphore(partitioning.max_in_flight)
+    done = 0
+
+    async def run_child(part: Partition) -> tuple[str, dict | None]:
+        nonlocal done
+        state, summary = await child_run(part, child_parameters(part, params, report_path), partitioning,
+                                         slots, parent_id)  # fmt: skip
+        done += 1
+        await partition_done(progress, done, len(parts))
+        logger.info("Partition %d (%s): %s", part.number, part.label, state)
+        return state, summary
+
+    finished = await asyncio.gather(*(run_child(part) for part in parts))
+    children = [summary for _, summary in finished]
+    merged = merge_summaries(children, parts, seconds=time.monotonic() - started, states=[s for s, _ in finished],
+                             extra={"source": redact_url(params.source.path),
+                                    "report_dir": str(report_path.resolve())})  # fmt: skip
+    for problem in summary_problems(merged):
+        logger.error("Merged summary does not add up: %s", problem)
+    write_summary(report_path, merged)
+    await publish_partitions(merged, children, source_uri=params.source.path, target_url=params.apollo.base_url)
+    logger.info("Done in %.1fs over %d partitions: %d created, %d existing, %d unchanged, %d failed, %d unconfirmed, "
+                "%d duplicates (in source or claimed by another partition); report in %s", merged["seconds"],
+                len(parts), merged["created"], merged["existing"], merged["unchanged"], merged["failed"],
+                merged["unconfirmed"], merged["duplicates_in_source"], merged["report_dir"])  # fmt: skip
+    if merged["partitions_failed"]:
+        failed = [f"{p['partition']} ({p['state']})" for p in merged["partitions"] if p["state"] != "Completed"]
+        raise PartitionsFailed(f"{len(failed)} of {len(parts)} partitions did not complete: {', '.join(failed)}")
+    return merged
+
+
+async def child_run(
+    part: Partition, parameters: dict[str, Any], partitioning: PartitionParams, slots: asyncio.Semaphore,
+    parent_id: str,
+) -> tuple[str, dict | None]:  # fmt: skip
+    """Run one child on the deployment and wait for it; its final state's name and its summary (None unless it
+    completed). One partition's trouble never hides the others' results: any error becomes its state."""
+    try:
+        async with slots:
+            child = await arun_deployment(
+                partitioning.deployment, parameters=parameters, timeout=None, poll_interval=partitioning.poll_seconds,
+                as_subflow=True, idempotency_key=f"{parent_id}:partition-{part.number}",  # a retried parent reuses them
+                flow_run_name=f"partition {part.number}: {redact_url(part.label)}"[:120],
+            )  # fmt: skip
+    except Exception as exc:  # noqa: BLE001
+        logger.error("Partition %d (%s) could not be run: %s", part.number, part.label, exc)
+        return f"Not run ({type(exc).__name__})", None
+    if child.state is None or not child.state.is_completed():
+        return (child.state.name if child.state is not None else "Unknown"), None
+    try:
+        return child.state.name, await child.state.aresult()
+    except Exception as exc:  # noqa: BLE001
+        logger.error("Partition %d (%s) completed but its summary could not be read: %s", part.number, part.label, exc)
+        return f"Completed, summary unreadable ({type(exc).__name__})", None

@@ -20,6 +20,17 @@ from dataclasses import dataclass
 
 import pytest
 
+PREFECT_SERVER_PORTS: set[int] = set()
+"""Ports of the Prefect servers tests run against (the harness, the e2e server): tests/conftest.py lets through
+the unclosed sockets Prefect's own clients leave to them, and only those."""
+
+
+def url_port(url: str) -> int:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).port or 0
+
+
 PG_USER = "apollo"
 PG_PASSWORD = "s3cret-pg-pw"
 PG_DATABASE = "contacts"

@@ -80,3 +80,50 @@ def test_missing_key_is_one_line_exit_2_before_the_flow_starts(sandbox, tmp_path
     assert_one_clear_line(result)
     assert "APOLLO_API_KEY" in result.stderr
     assert sandbox.stats()["requests"] == 0
+
+
+BASELINE_FLAGS = {
+    "--mapping", "--label", "--no-dedupe", "--chunk-size", "--concurrency", "--timeout", "--base-url", "--api-key",
+    "--api-key-block", "--auth", "--dry-run", "--report-dir", "--state-dir", "--state-url", "--full-refresh",
+    "--max-rpm", "--rate-limit-name", "--phone-region", "--format", "--delimiter", "--encoding", "--query",
+    "--cursor-column",
+}  # fmt: skip
+"""The flags ``apollo-sync run`` had before they were made from the settings model: scripts use them."""
+
+
+def _run_command():
+    import typer.main
+
+    from apollo_sync.cli import app
+
+    group = typer.main.get_command(app)
+    return group.commands["run"]
+
+
+def test_run_has_one_flag_per_setting_and_keeps_every_old_flag_name():
+    from apollo_sync.cli import flag_for
+    from apollo_sync.params import FIELD_GROUPS
+
+    command = _run_command()
+    options = {opt for param in command.params for opt in param.opts if opt.startswith("--")} - {"--help"}
+    assert options == {flag_for(name) for name in FIELD_GROUPS if name != "source"} | {"--api-key"}
+    assert BASELINE_FLAGS <= options
+    assert [p.name for p in command.params if p.param_type_name == "argument"] == ["source"]
+
+
+def test_flags_become_the_grouped_settings_and_unset_flags_keep_the_models_defaults():
+    from apollo_sync.cli import params_from_flags
+    from apollo_sync.params import sync_params
+
+    command = _run_command()
+    argv = ["in.csv", "--label", "a", "--label", "b", "--no-dedupe", "--chunk-size", "50", "--format", "tsv",
+            "--dry-run", "--state-url", "postgresql://h/db", "--phone-region", "gb"]  # fmt: skip
+    context = command.make_context("run", argv)
+    flags = dict(context.params)
+    flags.pop("api_key")
+    params = params_from_flags(flags)
+    assert params.apollo.labels == ["a", "b"] and params.apollo.run_dedupe is False
+    assert (params.load.chunk_size, params.source.format.value, params.run.dry_run) == (50, "tsv", True)
+    assert (params.run.state_url, params.cleaning.phone_region) == ("postgresql://h/db", "GB")
+    bare = {k: v for k, v in command.make_context("run", ["in.csv"]).params.items() if k != "api_key"}
+    assert params_from_flags(bare) == sync_params(source="in.csv")  # every default is the model's

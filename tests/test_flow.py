@@ -33,12 +33,19 @@ def _flow():
     return sync_contacts
 
 
-def run(**params):
-    return asyncio.run(_flow()(**params))
+def grouped(**flat):
+    """The flow's grouped parameters from the flat names the CLI uses (``source``, ``base_url``, ``dry_run``...)."""
+    from apollo_sync.params import flow_parameters, sync_params
+
+    return flow_parameters(sync_params(**flat))
 
 
-async def _run_state(**params):
-    return await _flow()(**params, return_state=True)
+def run(**flat):
+    return asyncio.run(_flow()(**grouped(**flat)))
+
+
+async def _run_state(**flat):
+    return await _flow()(**grouped(**flat), return_state=True)
 
 
 @pytest.fixture
@@ -124,11 +131,11 @@ def test_key_from_secret_block_and_never_logged(sandbox, tmp_path, caplog):
 
 
 def test_wrong_key_stops_the_run_and_reports_every_row(sandbox, tmp_path, monkeypatch):
-    from flows.sync_contacts import LoadAborted
+    from flows.sync_contacts import RunAborted
 
     monkeypatch.setenv(ENV_API_KEY, "wrong-key-123456")
     source = crm_export(tmp_path / "export.csv", n_unique=250)
-    with pytest.raises(LoadAborted, match="401"):
+    with pytest.raises(RunAborted, match="401"):
         run(source=str(source), base_url=sandbox.gateway_base_url, api_key_block=None, chunk_size=50,
             state_dir=str(tmp_path / "state"), report_dir=str(tmp_path / "r"))
     assert sandbox.contacts() == []
@@ -157,3 +164,32 @@ def test_incremental_sql_reads_only_rows_past_the_confirmed_mark(gateway, tmp_pa
     assert (first["rows_read"], first["created"]) == (3, 3)
     assert (second["rows_read"], second["created"], second["unchanged"]) == (2, 2, 0)  # only rows past id 3
     assert sorted(c["email"] for c in gateway.contacts()) == [f"c{i}@x.io" for i in range(1, 6)]
+
+
+def test_the_task_graph_runs_read_clean_plan_send_report_each_fed_by_the_one_before(gateway, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
+
+    source = crm_export(tmp_path / "export.csv", n_unique=30)
+    state = asyncio.run(_run_state(source=str(source), base_url=gateway.gateway_base_url, chunk_size=10,
+                                   state_dir=str(tmp_path / "state"), api_key_block=None))  # fmt: skip
+    assert state.is_completed()
+
+    async def task_runs():
+        async with get_client() as client:
+            runs_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            return await client.read_task_runs(flow_run_filter=runs_filter, task_run_filter=TaskRunFilter())
+
+    runs = asyncio.run(task_runs())
+    by_name = {run.name.rsplit("-", 1)[0]: run for run in runs}
+    assert {"read_source", "clean_contacts", "plan_contacts", "send_chunks", "write_report"} <= set(by_name)
+
+    def fed_by(name: str) -> set[str]:
+        upstream_ids = {str(ref.id) for refs in by_name[name].task_inputs.values() for ref in refs
+                        if getattr(ref, "input_type", None) == "task_run"}  # fmt: skip
+        return {n for n, run in by_name.items() if str(run.id) in upstream_ids}
+
+    assert "read_source" in fed_by("clean_contacts")
+    assert "clean_contacts" in fed_by("plan_contacts")
+    assert "plan_contacts" in fed_by("send_chunks")
+    assert {"clean_contacts", "plan_contacts", "send_chunks"} <= fed_by("write_report")

@@ -156,6 +156,7 @@ def test_the_parent_deployment_and_the_parameters_it_gives_children_are_known_to
 
     import yaml
 
+    from apollo_sync.params import sync_params
     from flows.sync_partitions import child_parameters, sync_partitions
 
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -164,22 +165,28 @@ def test_the_parent_deployment_and_the_parameters_it_gives_children_are_known_to
     parent, child = deployments["sync-partitions"], deployments["sync-contacts-partition"]
     assert set(parent["parameters"]) <= _flow_properties(parent["entrypoint"])
     child_props = _flow_properties(child["entrypoint"])
-    assert parent["parameters"]["deployment"] == "sync-contacts/" + child["name"]
+    assert parent["parameters"]["partitions"]["deployment"] == "sync-contacts/" + child["name"]
     assert not child["schedules"] and parent["work_pool"] == child["work_pool"]
 
-    # every parameter the parent passes exists on the child flow, for each kind of partition
-    shared_names = {"base_url", "labels", "run_dedupe", "chunk_size", "concurrency", "timeout", "state_dir",
-                    "state_url", "rate_limit_name", "mapping", "auth", "api_key_block", "full_refresh", "max_rpm",
-                    "phone_region"}  # fmt: skip
-    assert shared_names <= set(inspect.signature(sync_partitions.fn).parameters)
-    shared = {name: None for name in shared_names}
+    # the parent takes the child's groups (plus its own), and what it gives each kind of partition validates
+    from flows.sync_contacts import sync_contacts
+
+    assert set(child_props) < set(inspect.signature(sync_partitions.fn).parameters)
+    params = sync_params(source="ignored.csv", format="csv", delimiter=";", encoding="latin-1", labels=["L"],
+                         chunk_size=50, state_dir=str(tmp_path / "state"))  # fmt: skip
     for part in (Partition(0, "a.csv", "a", kind="file"), Partition(1, "sqlite:///x.db", "k", "SELECT 1", kind="sql"),
                  Partition(2, "p.parquet", "rows", kind="part")):  # fmt: skip
-        params = child_parameters(part, shared, tmp_path, format="csv", delimiter=";", encoding="latin-1")
-        assert set(params) <= child_props, part.kind
-        assert params["report_dir"].endswith(f"partition-{part.number:03d}")
-    assert "format" not in child_parameters(Partition(2, "p.parquet", "r", kind="part"), shared, tmp_path,
-                                            format="csv", delimiter=None, encoding="utf-8")  # fmt: skip
+        given = child_parameters(part, params, tmp_path)
+        assert set(given) <= child_props, part.kind
+        child = sync_contacts.validate_parameters(given)
+        assert child["run"].report_dir.endswith(f"partition-{part.number:03d}")
+        assert (child["source"].path, child["apollo"].labels, child["load"].chunk_size) == (part.source, ["L"], 50)
+        assert child["run"].state_dir == params.run.state_dir
+    file_child = child_parameters(Partition(0, "a.csv", "a", kind="file"), params, tmp_path)["source"]
+    assert (file_child["format"], file_child["delimiter"], file_child["encoding"]) == ("csv", ";", "latin-1")
+    assert child_parameters(Partition(1, "sqlite:///x.db", "k", "SELECT 1", kind="sql"), params, tmp_path)["source"][
+        "query"] == "SELECT 1"  # fmt: skip
+    assert "format" not in child_parameters(Partition(2, "p.parquet", "r", kind="part"), params, tmp_path)["source"]
 
 
 @pytest.mark.prefect
@@ -194,8 +201,9 @@ def test_the_parent_fails_when_a_child_cannot_run_and_still_writes_the_merged_su
         _csv(tmp_path / name, [f"{name}@x.com"])
     report = tmp_path / "report"
     with pytest.raises(PartitionsFailed, match="2 of 2 partitions did not complete"):
-        asyncio.run(sync_partitions(source=str(tmp_path / "*.csv"), deployment="sync-contacts/no-such-deployment",
-                                    report_dir=str(report), state_dir=str(tmp_path / "state"), poll_seconds=0.1))  # fmt: skip
+        asyncio.run(sync_partitions(source=str(tmp_path / "*.csv"),
+                                    partitions={"deployment": "sync-contacts/no-such-deployment", "poll_seconds": 0.1},
+                                    run={"report_dir": str(report), "state_dir": str(tmp_path / "state")}))  # fmt: skip
     summary = json.loads((report / "summary.json").read_text())
     assert [p["state"] for p in summary["partitions"]] == ["Not run (ObjectNotFound)"] * 2
     assert summary["partitions_failed"] == 2 and summary["rows_read"] == 0 and not summary_problems(summary)

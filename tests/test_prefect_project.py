@@ -33,10 +33,10 @@ def _setup_module():
     return module
 
 
-def _schema() -> dict:
+def _schema(deployment: str = "sync-contacts-adhoc") -> dict:
     from prefect.flows import load_flow_from_entrypoint
 
-    entrypoint = str(ROOT / _deployments()["sync-contacts-adhoc"]["entrypoint"])
+    entrypoint = str(ROOT / _deployments()[deployment]["entrypoint"])
     flow = load_flow_from_entrypoint(entrypoint, use_placeholder_flow=False)
     return flow.parameters.model_dump_for_openapi()
 
@@ -68,7 +68,7 @@ def test_deployments_share_one_process_pool_and_only_nightly_is_scheduled():
     (schedule,) = nightly["schedules"]
     assert schedule["cron"] == "0 2 * * *" and schedule["timezone"] and schedule["active"] is False
     assert nightly["concurrency_limit"]["limit"] == 1
-    assert nightly["parameters"]["source"]
+    assert nightly["parameters"]["source"]["path"]
     assert not adhoc["schedules"]
     assert "source" not in adhoc["parameters"]  # asked for at each run
 
@@ -84,32 +84,53 @@ def test_pull_step_takes_the_clone_from_the_environment_not_a_fixed_path():
     assert resolved == {"directory": directory}  # unset: left for the worker to resolve at run time
 
 
-def test_no_parameter_in_prefect_yaml_is_unknown_to_the_flow(monkeypatch):
+def test_no_parameter_in_prefect_yaml_is_unknown_to_the_flow_and_each_validates(monkeypatch):
     from prefect.flows import load_flow_from_entrypoint
 
     monkeypatch.chdir(ROOT)
     for deployment in _deployments().values():
         flow = load_flow_from_entrypoint(deployment["entrypoint"], use_placeholder_flow=False)
-        properties = flow.parameters.model_dump_for_openapi()["properties"]
-        assert set(deployment["parameters"]) <= set(properties), deployment["name"]
+        schema = flow.parameters.model_dump_for_openapi()
+        assert set(deployment["parameters"]) <= set(schema["properties"]), deployment["name"]
+        for group, values in deployment["parameters"].items():  # every nested key is a field of its group
+            definition = schema["definitions"][schema["properties"][group]["$ref"].rsplit("/", 1)[-1]]
+            assert set(values) <= set(definition["properties"]), (deployment["name"], group)
+        given = {"source": "x.csv"} | deployment["parameters"]
+        flow.validate_parameters(given)  # a deployment whose defaults the flow refuses could never run
 
 
-def test_parameter_form_has_titles_descriptions_enums_and_bounds():
-    schema = _schema()
+def _definition(schema: dict, group: str) -> dict:
+    return schema["definitions"][schema["properties"][group]["$ref"].rsplit("/", 1)[-1]]
+
+
+@pytest.mark.parametrize("deployment", ["sync-contacts-adhoc", "sync-partitions"])
+def test_parameter_form_is_a_few_titled_groups_with_titled_fields_enums_and_bounds(deployment):
+    from apollo_sync.params import RUN_GROUPS
+
+    schema = _schema(deployment)
     properties = schema["properties"]
     assert schema["required"] == ["source"]
-    for name, prop in properties.items():
+    assert set(RUN_GROUPS) <= set(properties) and len(properties) <= 8  # sections; partitions adds one
+    assert list(properties)[0] == "source"
+    for group, prop in properties.items():
         # Prefect sets the title to the parameter name and overwrites Field(title=...); a human title needs
         # Field(json_schema_extra={"title": ...}), which survives (checked on 3.9.1)
-        assert prop.get("title") and prop["title"] != name, f"{name} has no title of its own"
-        assert prop.get("description"), f"{name} has no description (Args: in the docstring)"
-    assert properties["auth"]["enum"] == ["auto", "bearer", "x-api-key"]
-    assert (properties["chunk_size"]["minimum"], properties["chunk_size"]["maximum"]) == (1, 100)
-    assert (properties["concurrency"]["minimum"], properties["concurrency"]["maximum"]) == (1, 32)
-    assert properties["chunk_size"]["default"] == 100
-    assert properties["api_key_block"]["default"] == "apollo-api-key"
-    assert properties["base_url"]["default"].startswith("https://")
-    assert "api_key" not in properties  # the key is never a parameter: it would be stored on the flow run
+        assert prop.get("title") and prop["title"] != group, f"{group} has no title of its own"
+        definition = _definition(schema, group)
+        assert definition.get("description"), f"{group} has no description"
+        for name, field in definition["properties"].items():
+            assert field.get("title") and field.get("description"), f"{group}.{name}"
+            assert "anyOf" not in field, f"{group}.{name} would show a type picker in the form"
+    apollo, load = _definition(schema, "apollo")["properties"], _definition(schema, "load")["properties"]
+    assert schema["definitions"]["Auth"]["enum"] == ["auto", "bearer", "x-api-key"]  # a dropdown
+    assert schema["definitions"]["Format"]["enum"][0] == "auto"
+    assert (load["chunk_size"]["minimum"], load["chunk_size"]["maximum"]) == (1, 100)
+    assert (load["concurrency"]["minimum"], load["concurrency"]["maximum"]) == (1, 32)
+    assert load["chunk_size"]["default"] == 100
+    assert apollo["api_key_block"]["default"] == "apollo-api-key"
+    assert apollo["base_url"]["default"].startswith("https://")
+    every_field = {name for group in properties for name in _definition(schema, group)["properties"]}
+    assert "api_key" not in every_field  # the key is never a parameter: it would be stored on the flow run
 
 
 def test_out_of_range_parameters_are_refused_before_the_run_starts():
@@ -117,8 +138,11 @@ def test_out_of_range_parameters_are_refused_before_the_run_starts():
     from prefect.flows import load_flow_from_entrypoint
 
     flow = load_flow_from_entrypoint(str(ROOT / "flows" / "sync_contacts.py") + ":sync_contacts", use_placeholder_flow=False)
-    assert flow.validate_parameters({"source": "x.csv", "chunk_size": "50"})["chunk_size"] == 50
-    for bad in ({"chunk_size": 101}, {"concurrency": 0}, {"auth": "basic"}):
+    validated = flow.validate_parameters({"source": "x.csv", "load": {"chunk_size": "50"}})
+    assert validated["load"].chunk_size == 50 and validated["source"].path == "x.csv"
+    assert flow.validate_parameters({"source": {"path": "x.csv", "delimiter": ""}})["source"].delimiter is None
+    for bad in ({"load": {"chunk_size": 101}}, {"load": {"concurrency": 0}}, {"apollo": {"auth": "basic"}},
+                {"apollo": {"base_url": "ftp://x"}}, {"load": {"chunk_sise": 10}}):  # fmt: skip
         with pytest.raises(ParameterTypeError):
             flow.validate_parameters({"source": "x.csv", **bad})
 

@@ -10,7 +10,7 @@ def test_registered_secret_is_masked_in_every_logger(caplog):
     register_secret(secret)
     with caplog.at_level(logging.DEBUG):
         logging.getLogger("some.library").warning("header was Bearer %s", secret)
-        logging.getLogger("apollo_sync.loader").info(f"key={secret}")
+        logging.getLogger("apollo_sync.load.session").info(f"key={secret}")
     assert secret not in caplog.text
     assert caplog.text.count(MASK) == 2
 

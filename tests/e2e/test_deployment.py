@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from apollo_sync import settings
+from apollo_sync.params import sync_params
 from apollo_sync.sandbox import SandboxConfig, SandboxServer
 
 from prefect_server import ROOT, PrefectServer, prefect_cli, stop_process, wait_final
@@ -133,10 +134,9 @@ def test_deploy_all_and_a_worker_run_lands_every_contact_with_the_key_from_the_s
             started = _run(
                 prefect_cli(
                     "deployment", "run", ADHOC,
-                    "--param", f"source={tmp_path / 'export.csv'}",
-                    "--param", f"base_url={sandbox.gateway_base_url}",
-                    "--param", f"report_dir={report_dir}",
-                    "--param", f"state_dir={tmp_path / 'state'}",
+                    "--params", json.dumps(sync_params(source=str(tmp_path / "export.csv"),
+                                                       base_url=sandbox.gateway_base_url, report_dir=str(report_dir),
+                                                       state_dir=str(tmp_path / "state")).model_dump(mode="json")),
                 ),
                 env,
             )  # fmt: skip
@@ -203,10 +203,10 @@ def test_serve_py_runs_a_flow_run_and_pauses_its_deployment_on_sigterm(prefect_s
         try:
             deployment = asyncio.run(_wait_deployment(prefect_server, "sync-contacts/sync-contacts-serve", serve))
             expected = _write_export(tmp_path / "export.csv")
-            flow_run_id = asyncio.run(_start_run(prefect_server, deployment.id, {
-                "source": str(tmp_path / "export.csv"), "base_url": sandbox.gateway_base_url,
-                "state_dir": str(tmp_path / "state"), "report_dir": str(tmp_path / "report"), "api_key_block": None,
-            }))  # fmt: skip
+            flow_run_id = asyncio.run(_start_run(prefect_server, deployment.id, sync_params(
+                source=str(tmp_path / "export.csv"), base_url=sandbox.gateway_base_url,
+                state_dir=str(tmp_path / "state"), report_dir=str(tmp_path / "report"), api_key_block=None,
+            ).model_dump(mode="json")))  # fmt: skip
             run = asyncio.run(wait_final(prefect_server, flow_run_id, RUN_TIMEOUT))
         finally:
             code = stop_process(serve)

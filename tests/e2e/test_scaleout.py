@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from apollo_sync.params import sync_params
 from apollo_sync.report import summary_problems
 from apollo_sync.sandbox import SandboxConfig, SandboxProcess
 from services import PG_PASSWORD, postgres  # noqa: F401 - fixture
@@ -105,10 +106,12 @@ def test_two_workers_four_overlapping_partitions_one_rate_budget_every_contact_o
                         env=worker_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                     ))  # fmt: skip
             report_dir = tmp_path / "report"
-            parent_id = asyncio.run(_start(prefect_server, {
-                "source": str(tmp_path / "parts" / "*.csv"), "base_url": sandbox.gateway_base_url,
-                "state_url": state_url, "state_dir": str(tmp_path / "state"), "report_dir": str(report_dir),
-                "chunk_size": 10, "concurrency": 4, "max_in_flight": 3, "poll_seconds": 1.0,
+            settings = sync_params(
+                source=str(tmp_path / "parts" / "*.csv"), base_url=sandbox.gateway_base_url, state_url=state_url,
+                state_dir=str(tmp_path / "state"), report_dir=str(report_dir), chunk_size=10, concurrency=4,
+            ).model_dump(mode="json")  # fmt: skip
+            parent_id = asyncio.run(_start(prefect_server, settings | {
+                "partitions": {"max_in_flight": 3, "poll_seconds": 1.0},
             }))  # fmt: skip
             parent = asyncio.run(wait_final(prefect_server, parent_id, RUN_TIMEOUT, poll=1))
         finally:
