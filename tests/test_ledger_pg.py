@@ -50,7 +50,7 @@ def pg_url(postgres):  # noqa: F811
     return postgres.url.rsplit("/", 1)[0] + "/" + name
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.e2e])])
 def state_url(request) -> str | None:
     """Each semantic test runs twice: on the SQLite ledger (None) and on a fresh PostgreSQL database."""
     return request.getfixturevalue("pg_url") if request.param == "postgresql" else None
