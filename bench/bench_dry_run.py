@@ -50,7 +50,7 @@ RESULT["rows"] = pl.scan_csv(CSV, infer_schema=False).collect().height
 """,
     "prepare": """
 from apollo_sync.sources import read_source
-from apollo_sync.transform import prepare
+from apollo_sync.clean import prepare
 p = prepare(read_source(CSV).frame, out_dir=WORK + "/prepared")
 RESULT.update(rows_read=p.rows_read, contacts=p.contacts_count, rejected=p.rejected_count,
               duplicates_in_source=p.duplicates_count)

@@ -36,7 +36,7 @@ def _phase(name: str, csv: str) -> dict:
 
     if name == "prepare":  # module imports are start-up, not transform time (polars is imported for both)
         sys.path.insert(0, str(HERE.parent))
-        from apollo_sync.transform import prepare
+        from apollo_sync.clean import prepare
 
     t0 = time.perf_counter()
     if name == "reference":

@@ -14,7 +14,9 @@ names one generation of them (a token written with them), so a cached result nev
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
+import pkgutil
 import shutil
 import uuid
 from datetime import timedelta
@@ -24,14 +26,17 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
-from apollo_sync import expressions, payload, transform
-from apollo_sync import mapping as mapping_module
+from apollo_sync import clean
 from apollo_sync.sources import Source, SourceOptions, read_source
 
+_CLEAN_MODULES = [
+    clean, *(importlib.import_module(f"{clean.__name__}.{m.name}") for m in pkgutil.iter_modules(clean.__path__))
+]
 _TRANSFORM_CODE = hashlib.sha256(
-    "".join(inspect.getsource(module) for module in (transform, mapping_module, expressions, payload)).encode()
+    "".join(inspect.getsource(module) for module in sorted(_CLEAN_MODULES, key=lambda m: m.__name__)).encode()
 ).hexdigest()[:16]
-"""Changes to the cleaning code invalidate cached results, like Prefect's TASK_SOURCE but for the whole transform."""
+"""Changes to the cleaning code (every module of apollo_sync.clean) invalidate cached results, like Prefect's
+TASK_SOURCE but for the whole stage."""
 
 
 @task(name="read_source", cache_policy=NO_CACHE, persist_result=False)
@@ -58,7 +63,7 @@ def _clean_cache_key(ctx: TaskRunContext, params: dict) -> str:
     # The key names one generation of the parts: while they are whole it is the token written with them; when
     # they are gone a new token is promised to the run that writes them again, so a cached result never points
     # at missing files.
-    if (parts_dir / transform.DONE_MARKER).is_file() and (parts_dir / _TOKEN).is_file():
+    if (parts_dir / clean.DONE_MARKER).is_file() and (parts_dir / _TOKEN).is_file():
         token = (parts_dir / _TOKEN).read_text(encoding="utf-8")
     else:
         token = uuid.uuid4().hex
@@ -78,23 +83,23 @@ _TOKEN = "cache-token"
 )
 def clean_contacts(
     source: Source, mapping_path: str | None, phone_region: str, prepared_dir: str | None = None
-) -> transform.Prepared:
-    """Map headers, clean, validate and dedupe the source's rows (see ``apollo_sync.transform``).
+) -> clean.Prepared:
+    """Map headers, clean, validate and dedupe the source's rows (see ``apollo_sync.clean``).
 
     With ``prepared_dir`` the results are Parquet parts under it and the Prepared's frames are LazyFrames.
     """
-    mapping = transform.load_mapping(mapping_path) if mapping_path else None
+    mapping = clean.load_mapping(mapping_path) if mapping_path else None
     if not prepared_dir:
-        return transform.prepare(source.frame, mapping=mapping, phone_region=phone_region)
+        return clean.prepare(source.frame, mapping=mapping, phone_region=phone_region)
     root = Path(prepared_dir).resolve()
     final = root / _clean_digest(source, mapping_path, phone_region)
-    transform.prune_prepared(root, CLEAN_CACHE_EXPIRATION.total_seconds(), keep=final)
+    clean.prune_prepared(root, CLEAN_CACHE_EXPIRATION.total_seconds(), keep=final)
     work = root / f"{final.name}.{uuid.uuid4().hex[:8]}.tmp"  # concurrent runs never write the same files
-    prepared = transform.prepare(source.frame, mapping=mapping, phone_region=phone_region, out_dir=work)
+    prepared = clean.prepare(source.frame, mapping=mapping, phone_region=phone_region, out_dir=work)
     promised = root / f"{final.name}.{_TOKEN}"
     token = promised.read_text(encoding="utf-8") if promised.is_file() else uuid.uuid4().hex
     (work / _TOKEN).write_text(token, encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
     work.rename(final)
     promised.unlink(missing_ok=True)
-    return transform.reopen_parts(prepared, final)
+    return clean.reopen_parts(prepared, final)

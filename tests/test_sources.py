@@ -332,7 +332,7 @@ def test_remote_json_is_refused_with_advice():
 @pytest.mark.parametrize("kind", ["parquet", "ndjson", "glob", "sqlite"])
 def test_every_format_gives_the_same_counts_after_cleaning(sources, kind):
     """Issue 6's promise at the level a user sees: rows_read, rows_valid and duplicates_in_source agree."""
-    from apollo_sync.transform import prepare
+    from apollo_sync.clean import prepare
 
     def counts(spec, options=SourceOptions()):
         prepared = prepare(read_source(spec, options).frame)

@@ -10,9 +10,10 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from apollo_sync.mapping import Mapping
-from apollo_sync.payload import contact_fingerprint, payload_fields, with_payload
-from apollo_sync.transform import DONE_MARKER, prepare
+from apollo_sync.clean.mapping import Mapping
+from apollo_sync.clean.payload import contact_fingerprint, payload_fields, with_payload
+from apollo_sync.clean import DONE_MARKER, EngineOptions, prepare
+from apollo_sync.clean.engine import batches
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -31,8 +32,8 @@ def _collected(frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
 @pytest.mark.parametrize("lazy", [False, True])
 def test_batches_give_the_same_results_as_one_batch(export, lazy: bool) -> None:
     df, truth = export
-    whole = prepare(df, batch_rows=10_000)
-    batched = prepare(df.lazy() if lazy else df, batch_rows=250)
+    whole = prepare(df, options=EngineOptions(batch_rows=10_000))
+    batched = prepare(df.lazy() if lazy else df, options=EngineOptions(batch_rows=250))
     for name in ("contacts", "rejected", "duplicates"):
         assert_frame_equal(getattr(batched, name), getattr(whole, name))
     assert (batched.rows_read, batched.phones_dropped) == (whole.rows_read, whole.phones_dropped) == (3000, whole.phones_dropped)
@@ -47,7 +48,7 @@ def test_out_dir_writes_parquet_parts_and_scans_them(export, tmp_path: Path) -> 
     df, truth = export
     whole = prepare(df)
     out = tmp_path / "prepared"
-    spilled = prepare(df.lazy(), out_dir=out, batch_rows=700)
+    spilled = prepare(df.lazy(), out_dir=out, options=EngineOptions(batch_rows=700))
     assert isinstance(spilled.contacts, pl.LazyFrame)
     for name in ("contacts", "rejected", "duplicates"):
         assert_frame_equal(getattr(spilled, name).collect(), getattr(whole, name))
@@ -58,7 +59,7 @@ def test_out_dir_writes_parquet_parts_and_scans_them(export, tmp_path: Path) -> 
     marker = json.loads((out / DONE_MARKER).read_text())
     assert marker["rows_read"] == 3000 and marker["contacts_count"] == whole.contacts.height
     # a second run into the same directory replaces the parts, never adds to them
-    again = prepare(df.head(100), out_dir=out, batch_rows=700)
+    again = prepare(df.head(100), out_dir=out, options=EngineOptions(batch_rows=700))
     assert again.contacts.collect().height == again.contacts_count < 100
 
 
@@ -69,7 +70,7 @@ def test_fill_from_a_duplicate_in_a_later_batch() -> None:
             "Title": [None, "CTO", None, "CEO"],
         }
     )
-    p = prepare(df, batch_rows=2)
+    p = prepare(df, options=EngineOptions(batch_rows=2))
     assert p.contacts.select("source_row", "title").rows() == [(1, "CEO"), (2, "CTO"), (3, None)]
     assert p.duplicates.rows() == [(4, "a@x.com", 1)]
     # The fingerprint is computed before the dedupe: a filled survivor's must be redone from its final fields.
@@ -82,39 +83,37 @@ def _fingerprints_of(contacts: pl.DataFrame) -> list[str]:
 
 def test_fingerprints_match_the_final_contacts(export) -> None:
     df, _ = export
-    p = prepare(df.lazy(), batch_rows=250)
+    p = prepare(df.lazy(), options=EngineOptions(batch_rows=250))
     assert p.contacts.get_column("fingerprint").to_list() == _fingerprints_of(p.contacts)
 
 
 def test_empty_lazy_frame_keeps_schemas(tmp_path: Path) -> None:
     empty = pl.DataFrame({"Email": pl.Series([], dtype=pl.String)})
-    mem = prepare(empty.lazy(), batch_rows=2)
-    disk = prepare(empty.lazy(), out_dir=tmp_path, batch_rows=2)
+    mem = prepare(empty.lazy(), options=EngineOptions(batch_rows=2))
+    disk = prepare(empty.lazy(), out_dir=tmp_path, options=EngineOptions(batch_rows=2))
     for name in ("contacts", "rejected", "duplicates"):
         assert_frame_equal(_collected(getattr(disk, name)), getattr(mem, name))
         assert getattr(mem, name).height == 0
 
 
 def test_batches_are_batch_rows_long() -> None:
-    from apollo_sync.transform import _batches
-
     df = pl.DataFrame({"a": [str(i) for i in range(1000)]})
     lf = df.lazy().with_row_index("source_row", offset=1)
-    assert [b.height for b in _batches(df, lf, 300)] == [300, 300, 300, 100]
-    assert [b.height for b in _batches(df, lf, 5000)] == [1000]
-    assert pl.concat(list(_batches(df.lazy(), lf, 300)))["source_row"].to_list() == list(range(1, 1001))
+    assert [b.height for b in batches(df, lf, EngineOptions(batch_rows=300))] == [300, 300, 300, 100]
+    assert [b.height for b in batches(df, lf, EngineOptions(batch_rows=5000))] == [1000]
+    assert pl.concat(list(batches(df.lazy(), lf, EngineOptions(batch_rows=300))))["source_row"].to_list() == list(
+        range(1, 1001)
+    )
 
 
-def test_the_first_batch_is_short_so_cleaning_starts_early(monkeypatch: pytest.MonkeyPatch) -> None:
-    from apollo_sync import transform
-
-    monkeypatch.setattr(transform, "FIRST_BATCH_ROWS", 100)
+def test_the_first_batch_is_short_so_cleaning_starts_early() -> None:
     df = pl.DataFrame({"a": [str(i) for i in range(1000)]})
     lf = df.lazy().with_row_index("source_row", offset=1)
-    batches = list(transform._batches(df.lazy(), lf, 300))
-    assert [b.height for b in batches] == [100, 300, 300, 300]
-    assert pl.concat(batches)["source_row"].to_list() == list(range(1, 1001))
-    assert [b.height for b in transform._batches(df.lazy(), lf, 50)] == [50] * 20  # batches never exceed batch_rows
+    found = list(batches(df.lazy(), lf, EngineOptions(batch_rows=300, first_batch_rows=100)))
+    assert [b.height for b in found] == [100, 300, 300, 300]
+    assert pl.concat(found)["source_row"].to_list() == list(range(1, 1001))
+    # batches never exceed batch_rows
+    assert [b.height for b in batches(df.lazy(), lf, EngineOptions(batch_rows=50, first_batch_rows=100))] == [50] * 20
 
 
 def test_payload_escapes_only_where_needed_and_reads_back_exactly() -> None:
@@ -129,7 +128,7 @@ def test_payload_escapes_only_where_needed_and_reads_back_exactly() -> None:
     )
     mapping = Mapping(columns={"Score": "custom.abc"})
     whole = prepare(df, mapping=mapping)
-    batched = prepare(df, mapping=mapping, batch_rows=2)  # batches [0,1] [2,3] [4]: only some need escaping
+    batched = prepare(df, mapping=mapping, options=EngineOptions(batch_rows=2))  # batches [0,1] [2,3] [4]: only some need escaping
     assert_frame_equal(batched.contacts, whole.contacts)
     # The loader writes payloads a chunk at a time: chunks [0,1] [2,3] [4] differ in what needs escaping.
     payload = with_payload(whole.contacts).get_column("payload")
@@ -147,7 +146,7 @@ def test_parquet_parts_through_plan_and_report_match_the_in_memory_run(export, t
     from apollo_sync.report import build_summary, results_frame, write_report
 
     df, truth = export
-    eager, lazy = prepare(df), prepare(df.lazy(), out_dir=tmp_path / "parts", batch_rows=800)
+    eager, lazy = prepare(df), prepare(df.lazy(), out_dir=tmp_path / "parts", options=EngineOptions(batch_rows=800))
     ledger = open_ledger(tmp_path / "state")
     try:
         some = eager.contacts.head(500).select("identity", "fingerprint", pl.lit("created").alias("outcome"),
@@ -175,19 +174,10 @@ def test_parquet_parts_through_plan_and_report_match_the_in_memory_run(export, t
 
 
 @pytest.mark.parametrize("bits", [0, 1])
-def test_identity_hash_collisions_never_merge_different_identities(export, monkeypatch, bits: int) -> None:
-    from apollo_sync import transform
-
+def test_identity_hash_collisions_never_merge_different_identities(export, bits: int) -> None:
     df, truth = export
-    honest = prepare(df.lazy(), batch_rows=700)
-    real_keys = transform._identity_keys
-
-    def colliding(cleaned: pl.DataFrame, offset: int) -> pl.DataFrame:  # every hash folded to 1 or 2 values
-        keys = real_keys(cleaned, offset)
-        return keys.with_columns(pl.col("h") & ((1 << bits) - 1)).sort("h")
-
-    monkeypatch.setattr(transform, "_identity_keys", colliding)
-    collided = prepare(df.lazy(), batch_rows=700)
+    honest = prepare(df.lazy(), options=EngineOptions(batch_rows=700))
+    collided = prepare(df.lazy(), options=EngineOptions(batch_rows=700, hash_bits=bits))  # 1 or 2 hash values
     for name in ("contacts", "rejected", "duplicates"):
         assert_frame_equal(getattr(collided, name), getattr(honest, name))
     assert collided.duplicates.height == truth["duplicates_in_source"]

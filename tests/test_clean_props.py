@@ -10,9 +10,11 @@ from email_validator import EmailNotValidError, validate_email
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from apollo_sync import expressions as ex
-from apollo_sync.payload import with_payload
-from apollo_sync.transform import _country_rules, _e164, prepare
+from apollo_sync.clean import expressions as ex
+from apollo_sync.clean.payload import with_payload
+from apollo_sync.clean import prepare
+from apollo_sync.clean.checks import country_rules
+from apollo_sync.clean.rules import phone_e164
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 WHOLE = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -106,17 +108,17 @@ def test_north_american_fast_path_agrees_with_phonenumbers(values: list[str], re
     got = pl.DataFrame({"p": values}).select(ex.phone_nanp_e164(pl.col("p"), nanp_region=nanp)).to_series()
     for value, fast in zip(values, got.to_list()):
         if fast is not None:
-            assert fast == _e164(value, region), value
+            assert fast == phone_e164(value, region), value
 
 
 @FAST
 @given(st.lists(intl_phones, min_size=1, max_size=10), st.sampled_from(["US", "GB", "IT"]))
 def test_international_fast_path_agrees_with_phonenumbers(values: list[str], region: str) -> None:
     series = pl.Series("p", values)
-    df = series.to_frame().hstack(ex.phone_international_e164(series, _country_rules(series)))
+    df = series.to_frame().hstack(ex.phone_international_e164(series, country_rules(series)))
     for value, is_decided, fast in df.iter_rows():
         if is_decided:
-            assert fast == _e164(value, region), value
+            assert fast == phone_e164(value, region), value
 
 
 PHONE_EDGES = [
@@ -134,7 +136,7 @@ def test_international_fast_path_agrees_with_phonenumbers_on_edges() -> None:
 
 def test_international_fast_path_decides_the_common_shapes() -> None:
     series = pl.Series("p", ["+44 20 7946 0958", "+49 30 901820", "+33 1 23 45 67 89", "+44 020 7946 0958"])
-    decided = ex.phone_international_e164(series, _country_rules(series)).get_column("decided")
+    decided = ex.phone_international_e164(series, country_rules(series)).get_column("decided")
     assert decided.to_list() == [True, True, True, False]
 
 

@@ -211,3 +211,15 @@ def plan_columns(columns: list[str], mapping: Mapping | None = None) -> ColumnPl
                 del column_map[col]
     unmapped = [c for c in columns if c != settings.SOURCE_ROW and c not in column_map]
     return ColumnPlan(sources=sources, column_map=column_map, unmapped=unmapped)
+
+
+def require_identity(sources: dict[str, tuple[str, ...]], mapping: Mapping, names: list[str]) -> None:
+    """Raise InputError unless some row could have an identity: an email column, or first and last name (or a full
+    name) and organization, from columns or constants."""
+    have = set(sources) | set(mapping.constants)
+    by_name = ({"first_name", "last_name"} <= have or FULL_NAME in have) and "organization_name" in have
+    if "email" not in have and not by_name:
+        cols = [n for n in names if n != settings.SOURCE_ROW]
+        raise InputError(
+            f"no email or first/last name + company columns found in {cols}; map them with --mapping FILE"
+        )

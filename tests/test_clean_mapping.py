@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from apollo_sync.errors import InputError
-from apollo_sync.mapping import Mapping, auto_target, header_key, load_mapping, plan_columns
+from apollo_sync.clean.mapping import Mapping, auto_target, header_key, load_mapping, plan_columns
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,10 @@
 """Polars expression builders for cleaning contact columns: each returns a ``pl.Expr``.
 
-They work on whole columns, so :func:`apollo_sync.transform.prepare` can apply them together in a
-``select`` (a second ``with_columns`` reads the materialised clean email and phone columns). Where a rule needs a library (email syntax, phone numbers), the expression here is the
-vectorised fast path for the common shape, and ``transform`` calls the library once per distinct
-value for the rest; the tests check that both paths agree.
+They work on whole columns, so the engine (:mod:`apollo_sync.clean.batch`) can apply them together in a
+``select`` (a second ``with_columns`` reads the materialised clean email and phone columns). Where a rule needs a
+library (email syntax, phone numbers), the expression here is the vectorised fast path for the common shape, and
+:mod:`apollo_sync.clean.checks` calls the library once per distinct value for the rest; the tests check that both
+paths agree. What each one gives, value by value, is stated in plain Python in :mod:`apollo_sync.clean.rules`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,17 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from apollo_sync.clean.rules import NAME_PARTICLES, NAME_SUFFIXES
+
 # --- Text -----------------------------------------------------------------------------------
 
 
 def clean_text(expr: pl.Expr) -> pl.Expr:
-    """Trim, collapse runs of whitespace (Unicode, incl. tabs and no-break spaces) to one space; "" -> null.
+    """Trim, collapse runs of whitespace to one space; "" -> null.
+
+    Whitespace is Unicode's White_Space (polars' ``strip_chars()`` and ``\\s`` alike), listed in
+    :data:`apollo_sync.clean.rules.WHITESPACE`: tabs, newlines and no-break spaces, not the separators
+    U+001C..U+001F that Python's ``str.isspace`` adds.
 
     The regex only touches runs of two or more, or a single non-space whitespace character, so the
     common clean value passes through untouched (measured ~2x faster than replacing every ``\\s+``).
@@ -42,7 +49,7 @@ EMAIL_FAST_VALID = (
 :func:`email_fast_valid` does not exclude) is accepted unchanged by email-validator with
 ``check_deliverability=False``: dot-atom local part of ordinary characters or precomposed Latin
 letters (U+00C0-U+024F: José, Müller, Søren; long assigned, NFC-stable), an ASCII domain with
-hostname labels of at most 63 characters, an alphabetic TLD. The property test in tests/test_transform_props.py
+hostname labels of at most 63 characters, an alphabetic TLD. The property test in tests/test_clean_props.py
 checks this against email-validator itself."""
 
 EMAIL_MAX_LENGTH = 254
@@ -89,14 +96,18 @@ def email_fast_invalid(expr: pl.Expr) -> pl.Expr:
 
 # --- Phones ---------------------------------------------------------------------------------
 
-_NANP = r"(?:\(([2-9]\d{2})\)|([2-9]\d{2}))[ .\-]?(\d{3})[ .\-]?(\d{4})(?: ?(?:x|ext\.?) ?\d{1,6})?$"
+# ASCII digits only ([0-9], not \d: polars' \d is every Unicode digit, which phonenumbers reads as ASCII ones, so
+# "(415) ٥٥٥-0123" must go to phonenumbers rather than be copied into the E.164 text).
+_NANP = (
+    r"(?:\(([2-9][0-9]{2})\)|([2-9][0-9]{2}))[ .\-]?([0-9]{3})[ .\-]?([0-9]{4})(?: ?(?:x|ext\.?) ?[0-9]{1,6})?$"
+)
 PHONE_NANP_INTERNATIONAL = r"^\+1[ .\-]?" + _NANP
 """+1 and a 10-digit North American number (area code 2-9..), usual separators, optional ``x123`` extension;
 the area code (groups 1 or 2: in or out of parentheses), exchange (3) and line number (4) are captured."""
 PHONE_NANP_NATIONAL = r"^(?:\+?1[ .\-]?)?" + _NANP
 """The same, or written nationally (optional trunk prefix 1): only for a default region in the +1 zone."""
-PHONE_INTERNATIONAL_SHAPE = r"^\+\d+(?:[ .\-]\d+)*$"
-"""``+`` and digit groups separated by single spaces, dots or dashes (no ``(0)``, no extension)."""
+PHONE_INTERNATIONAL_SHAPE = r"^\+[0-9]+(?:[ .\-][0-9]+)*$"
+"""``+`` and ASCII digit groups separated by single spaces, dots or dashes (no ``(0)``, no extension)."""
 
 
 def phone_nanp_e164(expr: pl.Expr, *, nanp_region: bool) -> pl.Expr:
@@ -228,12 +239,7 @@ def labels(expr: pl.Expr) -> pl.Expr:
 
 # --- Names ----------------------------------------------------------------------------------
 
-NAME_PARTICLES = (
-    "van", "von", "de", "der", "den", "del", "della", "da", "di", "du", "la", "le", "dos", "das",
-    "ter", "ten", "st", "st.", "bin", "al", "el",
-)
-"""Lower-case words that start a surname when a full name is split (``Jan van der Berg`` -> ``van der Berg``)."""
-_SUFFIX = r"(?:jr|sr|ii|iii|iv|phd|md)\.?"
+_SUFFIX = "(?:" + "|".join(NAME_SUFFIXES) + r")\.?"
 _PARTICLE = "(?:" + "|".join(p.replace(".", r"\.") for p in NAME_PARTICLES) + ")"
 _SPLIT_NAME = rf"(?i)^(.+?) ((?:{_PARTICLE} )*\S+(?:,? {_SUFFIX})?)$"
 
@@ -252,5 +258,7 @@ def split_name(expr: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
         .then(last_first.struct.field("2"))
         .otherwise(pl.coalesce(parts.struct.field("1"), expr))
     )
-    last = pl.when(is_last_first).then(last_first.struct.field("1")).otherwise(parts.struct.field("2"))
+    # "Smith , John": the last name is "Smith", without the space before the comma.
+    surname = last_first.struct.field("1").str.strip_chars_end(" ")
+    last = pl.when(is_last_first).then(surname).otherwise(parts.struct.field("2"))
     return first, last

@@ -2,7 +2,7 @@
 
 :func:`with_payload` writes each contact's JSON object (its non-null Apollo fields, custom fields under
 ``typed_custom_fields``) at load time, for the rows actually sent: a re-run of an unchanged export builds none.
-:func:`contact_fingerprint` is computed for every contact by :func:`apollo_sync.transform.prepare` and kept in
+:func:`contact_fingerprint` is computed for every contact by :func:`apollo_sync.clean.prepare` and kept in
 the ledger; it reads the cleaned columns directly, so it costs a hash per field value and no text.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from apollo_sync.mapping import CUSTOM_PREFIX, MAPPABLE_FIELDS
+from apollo_sync.clean.mapping import CUSTOM_PREFIX, MAPPABLE_FIELDS
 
 __all__ = ["with_payload", "contact_fingerprint", "field_weight", "json_string", "payload_fields"]
 
@@ -71,7 +71,7 @@ def payload_fields(columns: Sequence[str]) -> list[str]:
 def with_payload(contacts: pl.DataFrame) -> pl.DataFrame:
     """``contacts`` (prepare()'s columns) with a ``payload`` column: the JSON text Bulk Create gets per contact.
 
-    Only non-null fields are written, in :data:`~apollo_sync.mapping.MAPPABLE_FIELDS` order, then
+    Only non-null fields are written, in :data:`~apollo_sync.clean.mapping.MAPPABLE_FIELDS` order, then
     ``typed_custom_fields`` from the ``custom.<id>`` columns. Columns with nothing to escape are only quoted.
     """
     fields = payload_fields(contacts.columns)
@@ -101,11 +101,12 @@ def contact_fingerprint(fields: Sequence[str]) -> pl.Expr:
     where h is the unsigned 32-bit MurmurHash3 (x86_32, seed 0) of the value's UTF-8 bytes, and for
     ``label_names`` (a set to Apollo) the sum of h over its labels. MurmurHash3 is the hash the Iceberg spec
     fixes for its bucket transform, so its values cannot change with a polars release (polars' own ``hash``
-    may); the test checks the whole sum against a pure-Python version. A null field adds nothing, so adding a
-    field to apollo-sync later leaves existing fingerprints alone. The weights are odd, so changing one field
-    always changes the sum unless that field's two values share a 32-bit hash (odds 1 in 2**32 per changed
-    value); a fingerprint is only compared with the same contact's previous one. Vectorised: ~0.15 s of CPU for
-    1M contacts of 11 fields, where building the JSON payload for every contact and hashing it took ~1.1 s.
+    may); :func:`apollo_sync.clean.rules.fingerprint` is the whole sum in pure Python, the reference the tests
+    check this against. A null field adds nothing, so adding a field to apollo-sync later leaves existing
+    fingerprints alone. The weights are odd, so changing one field always changes the sum unless that field's two
+    values share a 32-bit hash (odds 1 in 2**32 per changed value); a fingerprint is only compared with the same
+    contact's previous one. Vectorised: ~0.15 s of CPU for 1M contacts of 11 fields, where building the JSON
+    payload for every contact and hashing it took ~1.1 s.
     """
     one = pl.lit(1, dtype=pl.UInt64)
     terms = []

@@ -12,7 +12,7 @@ import pytest
 from prefect import flow
 
 from apollo_sync.sources import SourceOptions, read_source
-from apollo_sync.transform import DONE_MARKER, prepare, prune_prepared
+from apollo_sync.clean import DONE_MARKER, prepare, prune_prepared
 from tasks.extract import clean_contacts
 
 pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_harness")]

@@ -11,12 +11,12 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from apollo_sync import expressions as ex
+from apollo_sync.clean import expressions as ex
 from apollo_sync.errors import InputError
-from apollo_sync.mapping import Mapping
+from apollo_sync.clean.mapping import Mapping
 from apollo_sync.report import escape_for_spreadsheet
-from apollo_sync.payload import contact_fingerprint, field_weight, with_payload
-from apollo_sync.transform import prepare
+from apollo_sync.clean.payload import contact_fingerprint, field_weight, with_payload
+from apollo_sync.clean import EngineOptions, prepare, rules
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -297,25 +297,6 @@ def test_every_row_ends_in_exactly_one_result() -> None:
 # --- Fingerprint ---------------------------------------------------------------------------
 
 
-def murmur3_32(data: bytes, seed: int = 0) -> int:
-    """Reference MurmurHash3 x86_32, written from the published algorithm."""
-    c1, c2, h, n, mask = 0xCC9E2D51, 0x1B873593, seed, len(data), 0xFFFFFFFF
-
-    def rotl(x: int, r: int) -> int:
-        return ((x << r) | (x >> (32 - r))) & mask
-
-    for i in range(0, n // 4 * 4, 4):
-        k = rotl((int.from_bytes(data[i:i + 4], "little") * c1) & mask, 15) * c2 & mask
-        h = (rotl(h ^ k, 13) * 5 + 0xE6546B64) & mask
-    tail = data[n // 4 * 4:]
-    if tail:
-        h ^= rotl((int.from_bytes(tail, "little") * c1) & mask, 15) * c2 & mask
-    h ^= n
-    for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
-        h = ((h ^ (h >> shift)) * mult) & mask
-    return h ^ (h >> 16)
-
-
 FINGERPRINT_ROWS = [
     {"email": "a@x.com", "first_name": None, "title": None, "label_names": None, "custom.f1": None},
     {"email": "a@x.com", "first_name": "Zoë", "title": "R&D ✓", "label_names": ["vip", "Q4"], "custom.f1": "42"},
@@ -324,25 +305,11 @@ FINGERPRINT_ROWS = [
 ]
 
 
-def reference_fingerprint(row: dict) -> str:
-    """The documented fingerprint, from the pure-Python MurmurHash3: sum of weight * (h + 1) mod 2**64."""
-    total = 0
-    for name, value in row.items():
-        if value is None:
-            continue
-        if isinstance(value, list):
-            hashed = sum(murmur3_32(label.encode()) for label in value)
-        else:
-            hashed = murmur3_32(value.encode())
-        total += field_weight(name) * (hashed + 1)
-    return str(total % 2**64)
-
-
 def test_fingerprint_is_the_documented_sum_of_murmur3_hashes() -> None:
     df = pl.DataFrame(FINGERPRINT_ROWS, schema={"email": pl.String, "first_name": pl.String, "title": pl.String,
                                                  "label_names": pl.List(pl.String), "custom.f1": pl.String})
     got = df.select(contact_fingerprint(df.columns)).to_series().to_list()
-    assert got == [reference_fingerprint(row) for row in FINGERPRINT_ROWS]
+    assert got == [rules.fingerprint(row) for row in FINGERPRINT_ROWS]  # the pure-Python MurmurHash3 sum
     assert got[3] == "0" and len(set(got)) == 4
     # Weights above 2**63 make the sum wrap: the check above holds only if polars wraps modulo 2**64 too.
     assert any(field_weight(name) > 2**63 for name in df.columns)
@@ -361,7 +328,7 @@ def test_fingerprint_changes_with_any_field_and_ignores_absent_ones() -> None:
 
 def test_fingerprint_is_the_same_in_another_process() -> None:
     code = (
-        "import polars as pl\nfrom apollo_sync.transform import prepare\n"
+        "import polars as pl\nfrom apollo_sync.clean import prepare\n"
         "p = prepare(pl.DataFrame({'Email': ['a@x.com', 'b@y.org'], 'Job Title': ['CEO', None]}))\n"
         "print(','.join(p.contacts.get_column('fingerprint')))"
     )
@@ -405,9 +372,7 @@ def test_repeating_columns_are_cleaned_per_distinct_value_with_the_same_result()
     assert_frame_equal(p.contacts.select(expected.columns), expected)
 
 
-def test_per_distinct_shortcuts_give_what_cleaning_every_row_gives(monkeypatch: pytest.MonkeyPatch) -> None:
-    from apollo_sync import transform
-
+def test_per_distinct_shortcuts_give_what_cleaning_every_row_gives() -> None:
     n = 48
     df = frame(
         Email=[f"u{i}@x.com" for i in range(n)],
@@ -421,11 +386,9 @@ def test_per_distinct_shortcuts_give_what_cleaning_every_row_gives(monkeypatch: 
         Mobile=([None, " (469) 650-5107 ", None, "+44 20 7946 0958"] + [None] * 4 + ["12", None, None, None] * 2) * 3,
     )
     shortcut = prepare(df)
-    monkeypatch.setattr(transform, "_hashes_are_exact", lambda hashes, nulls: False)  # as after a hash collision
-    by_value = prepare(df)
-    monkeypatch.setattr(transform, "_REPEATS", 10**9)  # nothing repeats enough: every row cleaned
-    monkeypatch.setattr(transform, "_sparse", lambda values: False)  # and built as a whole column
-    every_row = prepare(df)
+    by_value = prepare(df, options=EngineOptions(hash_bits=1))  # distinct values matched by text after collisions
+    # Nothing repeats enough (every row cleaned), and no column is built on its values only.
+    every_row = prepare(df, options=EngineOptions(repeats=10**9, sparse_share=1.0))
     assert_frame_equal(shortcut.contacts, every_row.contacts)
     assert_frame_equal(by_value.contacts, every_row.contacts)
     assert shortcut.phones_dropped == every_row.phones_dropped == 6
@@ -453,3 +416,26 @@ def test_constant_labels_without_a_labels_column_and_non_string_input() -> None:
         {"email": "b@x.com", "label_names": ["Q4 import"]},
     ]
     assert p.unmapped_columns == ["Score"]
+
+
+# --- Fixed after the reference found them ------------------------------------------------------------------
+
+
+def test_a_survivor_gets_its_labels_from_a_later_duplicate() -> None:
+    p = prepare(frame(Email=["a@x.com", "b@x.com", " A@x.com"], Tags=[None, "x", "vip; q4"]))
+    assert p.contacts.get_column("label_names").to_list() == [["vip", "q4"], ["x"]]
+    assert payloads(p)[0] == {"email": "a@x.com", "label_names": ["vip", "q4"]}
+
+
+def test_last_name_before_a_spaced_comma_has_no_trailing_space() -> None:
+    p = prepare(frame(Name=["Smith , John", "Smith, John"], Company=["Acme", "Acme"]))
+    assert p.contacts.select("first_name", "last_name").rows() == [("John", "Smith")]
+    assert p.duplicates.get_column("merged_into").to_list() == [1]
+
+
+def test_phones_in_other_digits_are_read_as_phonenumbers_reads_them() -> None:
+    raw = ["(415) ٥٥٥-0123", "+44 ٢٠ 7946 0958", "+49 30 ٩٠١٨٢٠", "４１５-555-0123"]
+    p = prepare(frame(Email=[f"p{i}@x.com" for i in range(len(raw))], Phone=raw))
+    assert p.contacts.get_column("direct_phone").to_list() == [
+        "+14155550123", "+442079460958", "+4930901820", "+14155550123"
+    ]
