@@ -22,6 +22,7 @@ No secret is a parameter: Prefect stores flow-run parameters. The API key comes 
 
 from __future__ import annotations
 
+import typing
 from enum import Enum
 from typing import Any
 
@@ -55,8 +56,20 @@ class Group(BaseModel):
     def _empty_text_is_unset(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        optional = {name for name, f in cls.model_fields.items() if not f.is_required() and f.default is None}
+        optional = {name for name, f in cls.model_fields.items() if type(None) in typing.get_args(f.annotation)}
         return {k: (None if k in optional and isinstance(v, str) and not v.strip() else v) for k, v in data.items()}
+
+    def as_json(self) -> dict[str, Any]:
+        """This group as a Prefect server accepts it for a deployment run. The form's schema has no null (see
+        ``_plain_optionals``), so a field left unset is left out and a text field set to None is ``""``."""
+        values = {}
+        for name, value in self.model_dump(mode="json").items():
+            if value is None:
+                if type(self).model_fields[name].default is None:
+                    continue
+                value = ""
+            values[name] = value
+        return values
 
 
 class Format(str, Enum):
@@ -261,6 +274,10 @@ class SyncParams(BaseModel):
     apollo: ApolloParams = ApolloParams()
     load: LoadParams = LoadParams()
     run: RunParams = RunParams()
+
+    def as_json(self) -> dict[str, dict[str, Any]]:
+        """Every group as JSON for a deployment run (``Group.as_json``): ``--params``, ``run_deployment``."""
+        return {group: getattr(self, group).as_json() for group in RUN_GROUPS}
 
 
 RUN_GROUPS: dict[str, type[Group]] = {

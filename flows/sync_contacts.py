@@ -11,7 +11,6 @@ From Python: ``await sync_contacts(source="contacts.csv", apollo={"base_url": ..
 model, a dict, or for ``source`` a plain path), or ``sync_contacts(**flow_parameters(sync_params(...)))``.
 """
 
-from __future__ import annotations
 
 import uuid
 from typing import Annotated

@@ -16,7 +16,6 @@ Wiring only; the run is ``tasks.partitions.run_partitions``:
 The run fails when any child did not complete; the merged summary is written first, listing which.
 """
 
-from __future__ import annotations
 
 import uuid
 from typing import Annotated

@@ -134,12 +134,12 @@ async def publish_partitions(
 def child_parameters(part: Partition, params: SyncParams, report_path: Path) -> dict[str, Any]:
     """A child run's parameters (JSON, one entry per group): the parent's settings, its partition as the source
     (a file read with the parent's format options, a SQL key range, or a Parquet part), its own report folder."""
-    groups = params.model_dump(mode="json")
+    groups = params.as_json()
     source: dict[str, Any] = {"path": part.source}
     if part.kind == "sql":
         source["query"] = part.query
     elif part.kind == "file":
-        source |= {key: groups["source"][key] for key in ("format", "delimiter", "encoding")}
+        source |= {key: value for key, value in groups["source"].items() if key in ("format", "delimiter", "encoding")}
     groups["source"] = source
     groups["run"]["report_dir"] = str((report_path / f"partition-{part.number:03d}").resolve())
     return groups

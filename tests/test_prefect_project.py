@@ -180,3 +180,24 @@ def test_example_automation_is_a_valid_automation_on_the_run_event():
     assert RUN_COMPLETED_EVENT in trigger.expect
     assert trigger.match.root["prefect.resource.id"] == f"{RUN_RESOURCE_PREFIX}*"
     assert trigger.match.root["apollo-sync.has-failures"] == "true"
+
+
+@pytest.mark.parametrize("deployment", ["sync-contacts-adhoc", "sync-partitions"])
+def test_grouped_json_passes_the_servers_schema_check_and_validates_back_to_the_same_settings(deployment):
+    """A Prefect server checks a deployment run's parameters against the form's schema, which has no null: what
+    the e2e tests, the partition parent and the docs send must pass it, unset and cleared fields included."""
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.utilities.schema_tools import validate
+
+    from apollo_sync.params import sync_params
+
+    flow = load_flow_from_entrypoint(str(ROOT / _deployments()[deployment]["entrypoint"]), use_placeholder_flow=False)
+    schema = flow.parameters.model_dump_for_openapi()
+    for settings in (sync_params(source="x.csv"),
+                     sync_params(source="x.csv", api_key_block=None, max_rpm=5, delimiter=";", labels=["a"])):  # fmt: skip
+        given = settings.as_json()
+        validate(given, schema, raise_on_error=True, preprocess=True, ignore_required=False)
+        validated = flow.validate_parameters(given)
+        assert {group: validated[group] for group in given} == {group: getattr(settings, group) for group in given}
+    with pytest.raises(Exception, match="query"):
+        validate({"source": {"path": "x.csv", "query": None}}, schema, raise_on_error=True, preprocess=True)

@@ -116,7 +116,8 @@ def test_deploy_all_and_a_worker_run_lands_every_contact_with_the_key_from_the_s
         ]
         assert adhoc.work_pool_name == nightly.work_pool_name == POOL
         # the imported flow's form, not the placeholder `prefect deploy` falls back to when the import fails
-        assert adhoc.parameter_openapi_schema["properties"]["base_url"]["default"] == settings.GATEWAY_BASE_URL
+        schema = adhoc.parameter_openapi_schema
+        assert schema["definitions"]["ApolloParams"]["properties"]["base_url"]["default"] == settings.GATEWAY_BASE_URL
 
         # 3. a process worker from the clone, without the key in its environment
         worker_log = tmp_path / "worker.log"
@@ -136,7 +137,7 @@ def test_deploy_all_and_a_worker_run_lands_every_contact_with_the_key_from_the_s
                     "deployment", "run", ADHOC,
                     "--params", json.dumps(sync_params(source=str(tmp_path / "export.csv"),
                                                        base_url=sandbox.gateway_base_url, report_dir=str(report_dir),
-                                                       state_dir=str(tmp_path / "state")).model_dump(mode="json")),
+                                                       state_dir=str(tmp_path / "state")).as_json()),
                 ),
                 env,
             )  # fmt: skip
@@ -206,7 +207,7 @@ def test_serve_py_runs_a_flow_run_and_pauses_its_deployment_on_sigterm(prefect_s
             flow_run_id = asyncio.run(_start_run(prefect_server, deployment.id, sync_params(
                 source=str(tmp_path / "export.csv"), base_url=sandbox.gateway_base_url,
                 state_dir=str(tmp_path / "state"), report_dir=str(tmp_path / "report"), api_key_block=None,
-            ).model_dump(mode="json")))  # fmt: skip
+            ).as_json()))  # fmt: skip
             run = asyncio.run(wait_final(prefect_server, flow_run_id, RUN_TIMEOUT))
         finally:
             code = stop_process(serve)

@@ -109,7 +109,7 @@ def test_two_workers_four_overlapping_partitions_one_rate_budget_every_contact_o
             settings = sync_params(
                 source=str(tmp_path / "parts" / "*.csv"), base_url=sandbox.gateway_base_url, state_url=state_url,
                 state_dir=str(tmp_path / "state"), report_dir=str(report_dir), chunk_size=10, concurrency=4,
-            ).model_dump(mode="json")  # fmt: skip
+            ).as_json()  # fmt: skip
             parent_id = asyncio.run(_start(prefect_server, settings | {
                 "partitions": {"max_in_flight": 3, "poll_seconds": 1.0},
             }))  # fmt: skip
