@@ -42,7 +42,7 @@ def first_present(exprs: list[pl.Expr]) -> pl.Expr:
 
 _LOCAL_CHAR = r"[a-z0-9_%+'\-\u00C0-\u00D6\u00D8-\u00F6\u00F8-\u024F]"
 EMAIL_FAST_VALID = (
-    rf"^{_LOCAL_CHAR}+(?:\.+{_LOCAL_CHAR}+)*"
+    rf"^{_LOCAL_CHAR}+(?:\.{_LOCAL_CHAR}+)*"
     r"@(?:[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$"
 )
 """The common shape of a valid lower-case address. Every string it matches (and that
