@@ -46,6 +46,10 @@ def _plain_optionals(schema: dict[str, Any]) -> None:
             prop.update(kept[0])
 
 
+def _unhydrated(value: Any) -> bool:
+    return isinstance(value, dict) and "__prefect_kind" in value
+
+
 class Group(BaseModel):
     """Base of every settings group: frozen, unknown keys refused, "" read as "not set" for optional text."""
 
@@ -58,6 +62,20 @@ class Group(BaseModel):
             return data
         optional = {name for name, f in cls.model_fields.items() if type(None) in typing.get_args(f.annotation)}
         return {k: (None if k in optional and isinstance(v, str) and not v.strip() else v) for k, v in data.items()}
+
+    def over(self, saved: Any) -> Group:
+        """This group, with the fields it was not given taken from ``saved`` (a deployment's value for it).
+
+        A Prefect server merges a run's parameters into its deployment's by top-level name only, so a run given
+        ``load={"chunk_size": 10}`` would otherwise drop the deployment's ``load.rate_limit_name``. A value
+        still to be hydrated (a ``{{ prefect.variables.x }}`` template) is not taken.
+        """
+        if isinstance(saved, str) and "path" in type(self).model_fields:
+            saved = {"path": saved}
+        if not isinstance(saved, dict):
+            return self
+        kept = {k: v for k, v in saved.items() if k in type(self).model_fields and not _unhydrated(v)}
+        return type(self).model_validate(kept | self.model_dump(include=self.model_fields_set))
 
     def as_json(self) -> dict[str, Any]:
         """This group as a Prefect server accepts it for a deployment run. The form's schema has no null (see
@@ -274,6 +292,10 @@ class SyncParams(BaseModel):
     apollo: ApolloParams = ApolloParams()
     load: LoadParams = LoadParams()
     run: RunParams = RunParams()
+
+    def over(self, saved: dict[str, Any]) -> SyncParams:
+        """Each group over its value in ``saved`` (a deployment's parameters): see :meth:`Group.over`."""
+        return SyncParams(**{group: getattr(self, group).over(saved.get(group)) for group in RUN_GROUPS})
 
     def as_json(self) -> dict[str, dict[str, Any]]:
         """Every group as JSON for a deployment run (``Group.as_json``): ``--params``, ``run_deployment``."""

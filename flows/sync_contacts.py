@@ -20,7 +20,7 @@ from prefect.runtime import flow_run
 
 from apollo_sync.params import ApolloParams, CleaningParams, LoadParams, RunParams, SourceParams, SyncParams, ui_form
 from apollo_sync.sync import RunAborted, run_sync
-from tasks.steps import PREFECT_STEPS, library_logs_to_prefect, run_name
+from tasks.steps import PREFECT_STEPS, deployment_parameters, library_logs_to_prefect, run_name
 
 __all__ = ["RunAborted", "sync_contacts"]
 
@@ -51,6 +51,7 @@ async def sync_contacts(
     Returns the summary (also written to ``summary.json``); raises ``RunAborted`` after writing the report when
     the run had to stop (a wrong key, an API that never answered).
     """
-    params = SyncParams(source=source, cleaning=cleaning, apollo=apollo, load=load, run=run)
+    given = SyncParams(source=source, cleaning=cleaning, apollo=apollo, load=load, run=run)
+    params = given.over(await deployment_parameters())
     with library_logs_to_prefect():
         return await run_sync(params, steps=PREFECT_STEPS, run_id=str(flow_run.get_id() or uuid.uuid4()))

@@ -34,7 +34,7 @@ from apollo_sync.params import (
     ui_form,
 )
 from tasks.partitions import PartitionsFailed, child_parameters, run_partitions
-from tasks.steps import library_logs_to_prefect, source_name
+from tasks.steps import deployment_parameters, library_logs_to_prefect, source_name
 
 __all__ = ["PartitionsFailed", "child_parameters", "sync_partitions"]
 
@@ -74,6 +74,7 @@ async def sync_partitions(
         run: The ledger every child shares (a postgresql:// URL across machines), full refresh, the report folder
             (each child reports under partition-NNN in it).
     """
-    params = SyncParams(source=source, cleaning=cleaning, apollo=apollo, load=load, run=run)
+    saved = await deployment_parameters()
+    params = SyncParams(source=source, cleaning=cleaning, apollo=apollo, load=load, run=run).over(saved)
     with library_logs_to_prefect():
-        return await run_partitions(params, partitions, parent_id=str(flow_run.get_id() or uuid.uuid4()))
+        return await run_partitions(params, partitions.over(saved.get("partitions")), parent_id=str(flow_run.get_id() or uuid.uuid4()))

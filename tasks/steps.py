@@ -67,6 +67,19 @@ def shared_rate_limit(name: str) -> Callable[[], Awaitable[None]]:
     return acquire
 
 
+async def deployment_parameters() -> dict[str, Any]:
+    """The parameters saved on the deployment this flow run came from (``{}`` for a run started in Python or
+    from the CLI), for ``SyncParams.over``: Prefect merges a run's groups into them by name only."""
+    from prefect import get_client
+    from prefect.runtime import deployment
+
+    if not deployment.id:
+        return {}
+    async with get_client() as client:
+        saved = await client.read_deployment(deployment.id)
+    return dict(saved.parameters or {})
+
+
 def prepared_dir(run: sync.SyncRun) -> str:
     """The cached clean's parts live beside the ledger and outlive the run (``tasks.extract`` prunes them)."""
     return str(Path(run.params.run.state_dir) / "prepared")

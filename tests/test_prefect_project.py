@@ -201,3 +201,25 @@ def test_grouped_json_passes_the_servers_schema_check_and_validates_back_to_the_
         assert {group: validated[group] for group in given} == {group: getattr(settings, group) for group in given}
     with pytest.raises(Exception, match="query"):
         validate({"source": {"path": "x.csv", "query": None}}, schema, raise_on_error=True, preprocess=True)
+
+
+@pytest.mark.parametrize("deployment", ["sync-contacts-adhoc", "sync-partitions"])
+def test_a_group_given_to_a_deployment_run_keeps_the_deployments_other_fields_of_it(deployment):
+    """The server merges a run's parameters into the deployment's by top-level name, so ``load={"chunk_size": 10}``
+    arrives without the deployment's ``load``; the flow puts the deployment's fields under the ones given."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    from apollo_sync.params import SyncParams
+
+    flow = load_flow_from_entrypoint(str(ROOT / _deployments()[deployment]["entrypoint"]), use_placeholder_flow=False)
+    saved = {"source": {"path": "saved.csv", "delimiter": ";"},
+             "load": {"rate_limit_name": "shared-rate", "concurrency": 2, "timeout": {"__prefect_kind": "jinja"}},
+             "apollo": {"api_key_block": "team-key", "labels": ["nightly"]}}  # fmt: skip
+    given = flow.validate_parameters({"source": "given.csv", "load": {"chunk_size": 10, "concurrency": 3},
+                                      "apollo": {"api_key_block": ""}})  # fmt: skip
+    params = SyncParams(**{g: given[g] for g in ("source", "cleaning", "apollo", "load", "run")}).over(saved)
+    assert (params.load.chunk_size, params.load.concurrency, params.load.rate_limit_name) == (10, 3, "shared-rate")
+    assert params.load.timeout == given["load"].timeout  # a template still to hydrate is not taken
+    assert (params.source.path, params.source.delimiter) == ("given.csv", ";")
+    assert params.apollo.api_key_block is None and params.apollo.labels == ["nightly"]  # "" clears a saved field
+    assert SyncParams(source="x.csv").over({}) == SyncParams(source="x.csv")
