@@ -12,6 +12,15 @@ GATEWAY_PATH_PREFIX = "/apis/v1/apollo"
 APOLLO_PATH_PREFIX = "/api/v1"
 
 MAX_CONTACTS_PER_REQUEST = 100
+BULK_UPDATE_PATH = "/contacts/bulk_update"
+"""Bulk Update Contacts: ``contact_attributes`` (each with ``id``) and/or ``contact_ids`` + shared fields."""
+CONTACT_PATH = "/contacts/{contact_id}"
+"""One contact: ``PATCH`` updates it."""
+MAX_CONTACTS_PER_UPDATE = 1000
+"""Bulk Update refuses more (a 422)."""
+MAX_SYNC_UPDATE = 100
+"""Bulk Update answers requests of at most this many with the updated contacts; larger ones run asynchronously
+and their answer lists none, so apollo-sync never sends more than this in one update."""
 
 # --- Defaults -------------------------------------------------------------------------------
 DEFAULT_CHUNK_SIZE = 100
