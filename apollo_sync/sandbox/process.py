@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from dataclasses import fields
 from pathlib import Path
@@ -23,7 +24,7 @@ from apollo_sync.sandbox.endpoint import ADMIN_PREFIX
 from apollo_sync.sandbox.server import ANNOUNCE_PREFIX, LOOPBACK_HOST, SandboxURLs, serve_forever
 from apollo_sync.sandbox.state import SandboxConfig
 
-DESCRIPTION = "A real HTTP server on 127.0.0.1 that behaves like Apollo's Bulk Create Contacts endpoint."
+DESCRIPTION = "A real HTTP server on 127.0.0.1 that behaves like Apollo's Bulk Create and Bulk Update Contacts."
 _PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 """The directory holding apollo_sync/, put on the child's PYTHONPATH so it imports this very package."""
 
@@ -47,7 +48,7 @@ class SandboxProcess(SandboxURLs):
     """The sandbox in a child process (``python -m apollo_sync.sandbox``), same API as SandboxServer.
 
     For benchmarks (the server gets its own interpreter) and kill -9 tests (``.process``).
-    ``contacts()``/``stats()``/``reset()`` go over the admin endpoints.
+    ``contacts()``/``seed()``/``stats()``/``reset()`` go over the admin endpoints.
     """
 
     def __init__(self, config: SandboxConfig | None = None, *, port: int = 0, startup_timeout: float = 30.0):
@@ -103,10 +104,12 @@ class SandboxProcess(SandboxURLs):
         """The child's process id while it runs."""
         return self.process.pid if self.process is not None else None
 
-    def _admin(self, method: str, name: str) -> dict[str, Any]:
+    def _admin(self, method: str, name: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         if not self.url:
             raise RuntimeError("the sandbox process is not running: use it inside 'with SandboxProcess(...)'")
-        request = urllib.request.Request(f"{self.url}{ADMIN_PREFIX}/{name}", method=method, data=b"" if method == "POST" else None)
+        data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        request = urllib.request.Request(f"{self.url}{ADMIN_PREFIX}/{name}", method=method, data=data, headers=headers)
         with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback URL we bound
             return json.loads(response.read())
 
@@ -114,8 +117,19 @@ class SandboxProcess(SandboxURLs):
         """Every stored contact, via ``GET /_sandbox/contacts``."""
         return self._admin("GET", "contacts")["contacts"]
 
+    def seed(self, contacts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Store contacts that exist before a sync, via ``POST /_sandbox/contacts`` (see ``SandboxServer.seed``);
+        InputError naming the field when the sandbox refuses them."""
+        try:
+            return self._admin("POST", "contacts", {"contacts": contacts})["contacts"]
+        except urllib.error.HTTPError as exc:
+            if exc.code != 422:
+                raise
+            message = json.loads(exc.read())["error"]["message"]
+            raise InputError(f"cannot seed the sandbox: {message}") from None
+
     def stats(self) -> dict[str, Any]:
-        """The counters, via ``GET /_sandbox/stats``."""
+        """The counters, via ``GET /_sandbox/stats`` (keys as ``SandboxServer.stats`` describes)."""
         return self._admin("GET", "stats")
 
     def reset(self) -> None:
@@ -141,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=float, default=d.window, help="primary window length in seconds (default 60)")
     p.add_argument("--hourly-limit", type=int, default=None, help="requests per hour per key")
     p.add_argument("--daily-limit", type=int, default=None, help="requests per day per key")
-    p.add_argument("--latency", type=float, default=0.0, help="seconds slept on every bulk_create request")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds slept on every create or update request")
     p.add_argument("--fail-before-store", type=_probability, default=0.0, help="probability of a 503, nothing stored")
     p.add_argument("--fail-after-store", type=_probability, default=0.0, help="probability of a 500 after storing")
     p.add_argument("--slow", type=_probability, default=0.0, help="probability of answering --slow-seconds late")

@@ -20,8 +20,9 @@ from typing import Any
 
 from apollo_sync import settings
 from apollo_sync.errors import InputError
-from apollo_sync.sandbox.endpoint import MAX_BODY_BYTES, Reply, answer
+from apollo_sync.sandbox.endpoint import MAX_BODY_BYTES, answer, checked_seed
 from apollo_sync.sandbox.state import Clock, SandboxConfig, SandboxState
+from apollo_sync.sandbox.wire import BadRequest, Reply
 
 LOOPBACK_HOST = "127.0.0.1"
 _LOOPBACK_ALIASES = (LOOPBACK_HOST, "localhost")
@@ -45,6 +46,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         self._respond("POST", self._read_body())  # always read it, so a keep-alive connection stays in step
+
+    def do_PATCH(self) -> None:  # noqa: N802
+        self._respond("PATCH", self._read_body())
 
     def do_PUT(self) -> None:  # noqa: N802
         self._respond("PUT", self._read_body())
@@ -219,12 +223,28 @@ class SandboxServer(SandboxURLs):
         """Every stored contact (copies), in creation order, with id, created_at and all stored fields."""
         return self._state().contacts()
 
-    def stats(self) -> dict[str, Any]:
-        """requests, status_counts, faults, contacts_stored, max_contacts_in_request, created, existing.
+    def seed(self, contacts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Store contacts that exist before a sync, as if created earlier: ids assigned, labels kept, dedupe
+        indexes updated, outside every counter and rate window. Validated as bulk_create's contacts (InputError
+        naming the field). Returns their public shapes, in the order given (as ``POST /_sandbox/contacts``)."""
+        try:
+            checked = checked_seed(contacts)
+        except BadRequest as exc:
+            raise InputError(f"cannot seed the sandbox: {exc}") from None
+        return self._state().seed(checked)
 
-        ``requests`` counts bulk_create requests answered (or dropped); ``status_counts`` maps
-        ``"200"``, ``"429"``... to counts, with ``"dropped"`` for connections closed without an answer;
-        ``max_contacts_in_request`` includes requests refused for holding more than 100.
+    def stats(self) -> dict[str, Any]:
+        """The counters, as ``GET /_sandbox/stats`` gives them.
+
+        ``requests`` counts every rate-counted request answered (or dropped), creates and updates together, and
+        ``requests_by_endpoint`` splits it (``bulk_create``, ``bulk_update``, ``update_one`` for PATCH);
+        ``status_counts`` maps ``"200"``, ``"429"``... to counts, with ``"dropped"`` for connections closed without
+        an answer; ``faults`` counts each fault kind drawn; ``contacts_stored`` is the store's size (seeded ones
+        included). ``max_contacts_in_request`` is the largest bulk_create list seen and ``max_contacts_in_update``
+        the largest bulk_update (``contact_attributes`` + ``contact_ids``), refused ones included; ``created`` and
+        ``existing`` count bulk_create's contacts; ``updated`` counts contacts an update was applied to (known ids,
+        once per request each, an async one or one answered 500 after applying included); ``async_updates``
+        counts bulk_update requests answered "accepted, asynchronous".
         """
         return self._state().stats()
 

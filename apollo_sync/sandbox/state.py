@@ -1,5 +1,10 @@
-"""What the sandbox remembers and decides, with no HTTP: its config, the contact store and dedupe indexes, the rate
-windows, the fault draws and the counters, behind one lock.
+"""What the sandbox remembers and decides, with no HTTP: its config, the contact store, its id and dedupe indexes,
+the rate windows, the fault draws and the counters, behind one lock.
+
+Bulk Create stores new contacts (or matches them); Bulk Update and the one-contact update change stored ones in
+place with Apollo's update semantics (a field given replaces the value, ``""`` or null blanks it, ``label_names``
+replaces the labels), moving the dedupe indexes when an email or a name changes; :meth:`SandboxState.seed` stores
+contacts that existed before a sync, outside every counter and window.
 
 Rate limits are fixed windows aligned to multiples of their length since the epoch, counted per API key. Time comes
 from the state's ``clock`` (``time.time`` unless one is injected), so a test can step a fake clock over a window
@@ -30,31 +35,19 @@ APOLLO = "apollo"
 """The two ways in (families): their error bodies and rate headers differ."""
 
 FAULT_KINDS = ("drop", "fail_before_store", "burst_429", "slow", "fail_after_store")
-"""Fault kinds in the order they are checked for each bulk_create request."""
+"""Fault kinds in the order they are checked for each rate-counted request (creates and updates alike)."""
 
-_RESPONSE_FIELDS = (
-    "id",
-    "first_name",
-    "last_name",
-    "organization_name",
-    "title",
-    "owner_id",
-    "account_id",
-    "email",
-    "phone_numbers",
-    "label_names",
-    "typed_custom_fields",
-    "updated_at",
-)
+ENDPOINTS = ("bulk_create", "bulk_update", "update_one")
+"""The rate-counted endpoints, as ``stats()["requests_by_endpoint"]`` names them (``update_one``: PATCH a contact)."""
 
 
 @dataclass(frozen=True)
 class SandboxConfig:
-    """How the sandbox behaves. Probabilities are per bulk_create request, in [0, 1].
+    """How the sandbox behaves. Probabilities are per request (bulk_create, bulk_update, PATCH), in [0, 1].
 
     ``rate`` requests per ``window`` seconds is the primary window (reported as Apollo's minute family);
     ``hourly_limit`` and ``daily_limit`` add 3600 s and 86400 s windows. ``None`` means no limit.
-    ``latency`` seconds are slept on every bulk_create request. ``seed`` makes faults, ids and shuffles
+    ``latency`` seconds are slept on every such request. ``seed`` makes faults, ids and shuffles
     repeatable. ``shuffle`` returns each contact list in a random order, as the real API promises none.
     """
 
@@ -127,26 +120,37 @@ class SandboxState:
         with self.lock:
             self.rng = random.Random(self.config.seed)
             self.store: list[dict[str, Any]] = []
+            self.by_id: dict[str, dict[str, Any]] = {}
             self.by_email: dict[str, dict[str, Any]] = {}
             self.by_name: dict[tuple[str, str, str], dict[str, Any]] = {}
             self.usage: dict[tuple[str, str], tuple[int, int]] = {}  # (key, family) -> (window index, count)
             self.id_counter = itertools.count(1)
             self.requests = 0
+            self.requests_by_endpoint = {name: 0 for name in ENDPOINTS}
             self.status_counts: dict[str, int] = {}
             self.faults = {kind: 0 for kind in FAULT_KINDS}
             self.max_contacts_in_request = 0
+            self.max_contacts_in_update = 0
             self.created = 0
             self.existing = 0
+            self.updated = 0
+            self.async_updates = 0
 
     # --- counters (lock held) ----------------------------------------------------------------
-    def count_answer(self, label: str) -> None:
-        """Count one answered (or dropped) bulk_create request under ``label`` (``"200"``, ``"dropped"``...)."""
+    def count_answer(self, label: str, endpoint: str = "bulk_create", *, asynchronous: bool = False) -> None:
+        """Count one answered (or dropped) request of ``endpoint`` under ``label`` (``"200"``, ``"dropped"``...);
+        ``asynchronous``: it was a bulk_update answered "accepted, runs asynchronously"."""
         self.requests += 1
+        self.requests_by_endpoint[endpoint] += 1
         self.status_counts[label] = self.status_counts.get(label, 0) + 1
+        self.async_updates += asynchronous
 
-    def note_size(self, contacts: int) -> None:
-        """Remember the largest contacts list seen, refused ones included."""
-        self.max_contacts_in_request = max(self.max_contacts_in_request, contacts)
+    def note_size(self, contacts: int, endpoint: str = "bulk_create") -> None:
+        """Remember the largest request seen per bulk endpoint, refused ones included (a PATCH holds one)."""
+        if endpoint == "bulk_create":
+            self.max_contacts_in_request = max(self.max_contacts_in_request, contacts)
+        elif endpoint == "bulk_update":
+            self.max_contacts_in_update = max(self.max_contacts_in_update, contacts)
 
     # --- rate windows (lock held) ------------------------------------------------------------
     def _window_state(self, key: str, now: float) -> list[tuple[Window, int, float]]:
@@ -208,25 +212,71 @@ class SandboxState:
                 if match is not None:
                     existing.append(_public(match))
                     continue
-            now = self.clock()
-            record = dict(contact)
-            record["id"] = self._new_id(now)
-            record["label_names"] = _merge_labels(contact.get("label_names", []), append)
-            record["typed_custom_fields"] = dict(contact.get("typed_custom_fields", {}))
-            record["phone_numbers"] = [{"raw_number": contact[p]} for p in settings.PHONE_FIELDS if contact.get(p)]
-            record["created_at"] = record["updated_at"] = _iso(now)
-            self.store.append(record)
-            if email:
-                self.by_email.setdefault(email, record)
-            if name:
-                self.by_name.setdefault(name, record)
-            created.append(_public(record))
+            created.append(_public(self._store_new(contact, append)))
         self.created += len(created)
         self.existing += len(existing)
+        return {"created_contacts": self.shuffled(created), "existing_contacts": self.shuffled(existing)}
+
+    def update(self, contact_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
+        """Apply ``changes`` (validated fields) to the stored contact; its public shape, or None for an unknown id.
+
+        A field given replaces the stored value; null or ``""`` blanks it (null; ``[]`` for labels, ``{}`` for
+        custom fields); a field not given is untouched. ``label_names`` and ``typed_custom_fields`` replace the
+        stored ones whole (the client must merge). Phone fields rebuild ``phone_numbers``; an email or name change
+        moves the dedupe indexes; ``updated_at`` moves. Counted in ``updated``.
+        """
+        record = self.by_id.get(contact_id)
+        if record is None:
+            return None
+        self._apply(record, changes)
+        self.updated += 1
+        return _public(record)
+
+    def update_many(self, changes: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Apply each (id, fields) in order, as :meth:`update`; the public shape of every contact updated, once each
+        (and counted once), with its final values, in no promised order. Unknown ids are left out (not an error)."""
+        updated: dict[str, dict[str, Any]] = {}
+        for contact_id, fields in changes:
+            record = self.by_id.get(contact_id)
+            if record is not None:
+                self._apply(record, fields)
+                updated[contact_id] = record
+        self.updated += len(updated)
+        return self.shuffled([_public(record) for record in updated.values()])
+
+    def shuffled(self, contacts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``contacts`` in a random order when the config shuffles (the real API promises none), else as given."""
         if self.config.shuffle:
-            self.rng.shuffle(created)
-            self.rng.shuffle(existing)
-        return {"created_contacts": created, "existing_contacts": existing}
+            self.rng.shuffle(contacts)
+        return contacts
+
+    def _store_new(self, contact: dict[str, Any], append: list[str]) -> dict[str, Any]:
+        """Store ``contact`` as a new record (id, labels merged with ``append``, phone_numbers, stamps); index it."""
+        now = self.clock()
+        record = dict(contact)
+        record["id"] = self._new_id(now)
+        record["label_names"] = _merge_labels(contact.get("label_names", []), append)
+        record["typed_custom_fields"] = dict(contact.get("typed_custom_fields", {}))
+        record["phone_numbers"] = _phone_numbers(contact)
+        record["created_at"] = record["updated_at"] = _iso(now)
+        self.store.append(record)
+        self.by_id[record["id"]] = record
+        email, name = _email_key(record), _name_key(record)
+        if email:
+            self.by_email.setdefault(email, record)
+        if name:
+            self.by_name.setdefault(name, record)
+        return record
+
+    def _apply(self, record: dict[str, Any], changes: dict[str, Any]) -> None:
+        """Change ``record`` in place as :meth:`update` describes, without counting it."""
+        old_email, old_name = _email_key(record), _name_key(record)
+        for name, value in changes.items():
+            record[name] = _updated_value(name, value)
+        record["phone_numbers"] = _phone_numbers(record)
+        record["updated_at"] = _iso(self.clock())
+        _move_key(self.by_email, self.store, record, old_email, _email_key)
+        _move_key(self.by_name, self.store, record, old_name, _name_key)
 
     def draw_fault(self) -> str | None:
         """One draw per configured fault kind, in order; the first that fires wins (lock held)."""
@@ -237,18 +287,33 @@ class SandboxState:
                 return kind
         return None
 
-    # --- snapshots (take the lock) -----------------------------------------------------------
+    # --- seeding and snapshots (take the lock) ----------------------------------------------
+    def seed(self, contacts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Store validated contacts as if created before the sync (ids assigned, labels kept, indexes updated), outside
+        every counter and rate window; their public shapes, in the order given."""
+        with self.lock:
+            return [_public(self._store_new(contact, [])) for contact in contacts]
+
+    def knows(self, contact_id: str) -> bool:
+        """Whether a contact with this id is stored."""
+        with self.lock:
+            return contact_id in self.by_id
+
     def stats(self) -> dict[str, Any]:
-        """A snapshot of the counters."""
+        """A snapshot of the counters (see ``SandboxServer.stats`` for what each means)."""
         with self.lock:
             return {
                 "requests": self.requests,
+                "requests_by_endpoint": dict(self.requests_by_endpoint),
                 "status_counts": dict(self.status_counts),
                 "faults": dict(self.faults),
                 "contacts_stored": len(self.store),
                 "max_contacts_in_request": self.max_contacts_in_request,
+                "max_contacts_in_update": self.max_contacts_in_update,
                 "created": self.created,
                 "existing": self.existing,
+                "updated": self.updated,
+                "async_updates": self.async_updates,
             }
 
     def contacts(self) -> list[dict[str, Any]]:
@@ -276,6 +341,50 @@ def _name_key(contact: dict[str, Any]) -> tuple[str, str, str] | None:
     return parts if all(parts) else None  # type: ignore[return-value]
 
 
+def _move_key(
+    index: dict[Any, dict[str, Any]],
+    store: list[dict[str, Any]],
+    record: dict[str, Any],
+    old: Any,
+    key_of: Callable[[dict[str, Any]], Any],
+) -> None:
+    """After ``record``'s key in ``index`` changed from ``old``: the first other stored contact with ``old`` now
+    answers for it (the earliest stored wins, as on create), and ``record`` answers for its new key unless an
+    earlier contact does."""
+    new = key_of(record)
+    if new == old:
+        return
+    if old is not None and index.get(old) is record:
+        heir = next((r for r in store if r is not record and key_of(r) == old), None)
+        if heir is None:
+            del index[old]
+        else:
+            index[old] = heir
+    if new is not None:
+        index.setdefault(new, record)
+
+
+def _phone_numbers(contact: dict[str, Any]) -> list[dict[str, str]]:
+    """Apollo's ``phone_numbers`` list, rebuilt from the phone fields that hold a number, in PHONE_FIELDS order."""
+    return [{"raw_number": contact[p]} for p in settings.PHONE_FIELDS if contact.get(p)]
+
+
+def _updated_value(name: str, value: Any) -> Any:
+    """The value an update stores: a blank (null or ``""``) empties the field; lists and objects are copied."""
+    if value is None or value == "":
+        return [] if name == "label_names" else {} if name == "typed_custom_fields" else None
+    return _copy(value)
+
+
 def _public(contact: dict[str, Any]) -> dict[str, Any]:
-    """The contact as the endpoint returns it."""
-    return {name: contact.get(name) for name in _RESPONSE_FIELDS}
+    """The contact as bulk_create, bulk_update and PATCH return it: ``id``, every contact field it has stored (a
+    blanked one as null), ``phone_numbers`` and the stamps. Copies: the answer is written outside the lock."""
+    stored = (name for name in settings.CONTACT_FIELDS if name in contact)
+    return {name: _copy(contact.get(name)) for name in ("id", *stored, "phone_numbers", "created_at", "updated_at")}
+
+
+def _copy(value: Any) -> Any:
+    """A copy of a JSON value that shares no list or object with the store."""
+    if isinstance(value, (list, dict)):
+        return json.loads(json.dumps(value))
+    return value
