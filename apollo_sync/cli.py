@@ -233,7 +233,7 @@ def print_summary(summary: dict, title: str = "Summary") -> None:
     for reason, count in summary["rejected"].items():
         table.add_row(f"rejected: {reason}", f"{count:,}")
     table.add_row("duplicates in source", f"{summary['duplicates_in_source']:,}")
-    for key in ("created", "existing", "unchanged", "would_send", "failed", "unconfirmed"):
+    for key in ("created", "updated", "existing", "unchanged", "would_send", "would_update", "failed", "unconfirmed"):
         if key in summary and (summary[key] or key in ("created", "failed")):
             style = "red" if key in ("failed", "unconfirmed") and summary[key] else ""
             table.add_row(key.replace("_", " "), f"[{style}]{summary[key]:,}[/]" if style else f"{summary[key]:,}")

@@ -7,7 +7,7 @@ A run of ``sync-contacts`` takes five groups, each a frozen pydantic model:
 ``cleaning``    the mapping file and the default phone region (:class:`CleaningParams`)
 ``apollo``      where they go: base URL, auth, the Secret block with the key, labels, dedupe
 ``load``        how they are sent: chunk size, concurrency, timeout, rate caps (:class:`LoadParams`)
-``run``         dry run, full refresh, where the ledger and the report live (:class:`RunParams`)
+``run``         create or upsert, dry run, full refresh, where the ledger and report live (:class:`RunParams`)
 =============== ====================================================================================
 
 ``sync-partitions`` takes the same groups plus :class:`PartitionParams`. The Prefect run form shows each group as
@@ -226,11 +226,26 @@ class LoadParams(Group):
     )
 
 
+class Mode(str, Enum):
+    """``create``: new contacts through Bulk Create; a contact Apollo already has is left as it is. ``upsert``:
+    also update, through Bulk Update, contacts that changed and contacts Apollo already had (non-empty source
+    fields only; labels only added)."""
+
+    create = "create"
+    upsert = "upsert"
+
+
 class RunParams(Group):
     """What kind of run, and where its memory and report live."""
 
     model_config = ConfigDict(title="Run settings")
 
+    mode: Mode = Field(
+        Mode.create,
+        title="Sync mode",
+        description="create: only add new contacts. upsert: also update changed and already-existing contacts "
+        "(never blanks a field, never removes a label).",
+    )
     dry_run: bool = Field(False, title="Dry run", description="Read, clean and plan only; send nothing, need no key.")
     full_refresh: bool = Field(
         False, title="Full refresh", description="Ignore the ledger and send every valid row (dedupe still guards)."

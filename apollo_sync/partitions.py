@@ -47,8 +47,8 @@ from apollo_sync.sources.sql import (
 MAX_PARTITIONS = 1000
 """More partitions than this is almost surely a mistake (each is a flow run with its own start-up cost)."""
 SUMMED_KEYS = (
-    "rows_read", "rows_valid", "duplicates_in_source", "created", "existing", "failed", "unconfirmed",
-    "unchanged", "would_send", "requests", "retries", "rate_limited", "phones_dropped",
+    "rows_read", "rows_valid", "duplicates_in_source", "created", "updated", "existing", "failed", "unconfirmed",
+    "unchanged", "would_send", "would_update", "requests", "retries", "rate_limited", "phones_dropped",
 )  # fmt: skip
 """Summary counts that add across partitions."""
 
@@ -239,20 +239,21 @@ def merge_summaries(
             for reason, count in (summary.get("rejected") or {}).items():  # type: ignore[union-attr]
                 rejected[reason] = rejected.get(reason, 0) + int(count)
             unmapped.update(summary.get("unmapped_columns") or [])  # type: ignore[arg-type]
-            line |= {key: summary.get(key, 0) for key in ("rows_read", "created", "existing", "failed",
+            line |= {key: summary.get(key, 0) for key in ("rows_read", "created", "updated", "existing", "failed",
                                                           "unconfirmed", "unchanged", "duplicates_in_source")}  # fmt: skip
             line["report_dir"] = summary.get("report_dir")
         lines.append(line)
-    if not merged["would_send"]:
-        del merged["would_send"]
+    for dry in ("would_send", "would_update"):
+        if not merged[dry]:
+            del merged[dry]
     merged["rejected"] = dict(sorted(rejected.items()))
     merged["unmapped_columns"] = sorted(unmapped)
     merged["seconds"] = round(seconds, 3)
     merged["partitions"] = lines
     merged["partitions_failed"] = sum(1 for line in lines if line["state"] != "Completed")
     merged |= dict(extra or {})
-    order = ["rows_read", "rows_valid", "rejected", "duplicates_in_source", "created", "existing", "failed",
-             "unconfirmed", "unchanged", "would_send", "requests", "retries", "seconds"]  # fmt: skip
+    order = ["rows_read", "rows_valid", "rejected", "duplicates_in_source", "created", "updated", "existing", "failed",
+             "unconfirmed", "unchanged", "would_send", "would_update", "requests", "retries", "seconds"]  # fmt: skip
     return {key: merged[key] for key in order if key in merged} | {k: v for k, v in merged.items() if k not in order}
 
 

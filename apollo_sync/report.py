@@ -5,13 +5,16 @@ Every input row ends in exactly one outcome:
 - ``rejected``  the row failed validation (``reason`` says why: ``invalid_email`` or ``missing_identity``);
 - ``duplicate`` the row repeated an earlier row of the same source and was merged into it (``reason`` names it);
 - ``created`` / ``existing``  Apollo created the contact, or (with dedupe) already had it; ``apollo_id`` is set;
+- ``updated``   (``--mode upsert``) Apollo had the contact and took the source's changed values; ``reason`` names
+  the fields;
 - ``failed``    Apollo refused the row (``reason`` has its message) or retries ran out;
 - ``unconfirmed`` the row was sent but no answer confirmed it (an unknown outcome: a re-run resolves it safely);
 - ``unchanged`` the ledger shows it confirmed earlier with the same content, so it was not sent again;
-- ``would_send`` only in a dry run: the row would have been sent.
+- ``would_send`` / ``would_update`` only in a dry run: the row would have been sent to Bulk Create, or (upsert)
+  to Bulk Update by the id the ledger knows (``reason`` names the fields that would change).
 
-The summary adds up: ``rows_read = rows_valid + sum(rejected)`` and
-``rows_valid = duplicates_in_source + created + existing + failed + unconfirmed + unchanged (+ would_send)``.
+The summary adds up: ``rows_read = rows_valid + sum(rejected)`` and ``rows_valid = duplicates_in_source + created
++ existing + updated + failed + unconfirmed + unchanged (+ would_send + would_update)``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ RESULTS_SCHEMA = {
     "apollo_id": pl.String,
     "reason": pl.String,
 }
-LOAD_OUTCOMES = ("created", "existing", "failed", "unconfirmed", "unchanged", "would_send")
+LOAD_OUTCOMES = ("created", "existing", "updated", "failed", "unconfirmed", "unchanged", "would_send", "would_update")
 SUMMARY_FILE = "summary.json"
 RESULTS_PARQUET = "results.parquet"
 RESULTS_CSV = "results.csv"
@@ -97,6 +100,7 @@ def build_summary(
         "duplicates_in_source": counts.get("duplicate", 0),
         "created": counts.get("created", 0),
         "existing": counts.get("existing", 0),
+        "updated": counts.get("updated", 0),
         "failed": counts.get("failed", 0),
         "unconfirmed": counts.get("unconfirmed", 0),
         "unchanged": counts.get("unchanged", 0),
@@ -104,8 +108,9 @@ def build_summary(
         "retries": retries,
         "seconds": round(seconds, 3),
     }
-    if counts.get("would_send"):
-        summary["would_send"] = counts["would_send"]
+    for dry in ("would_send", "would_update"):
+        if counts.get(dry):
+            summary[dry] = counts[dry]
     summary.update(extra or {})
     return summary
 

@@ -72,7 +72,7 @@ CONTACT_FIELDS = (
 PHONE_FIELDS = ("direct_phone", "corporate_phone", "mobile_phone", "home_phone", "other_phone")
 
 # --- Outcomes: every input row ends in exactly one ------------------------------------------
-OUTCOMES = ("created", "existing", "rejected", "duplicate", "failed", "unconfirmed", "unchanged")
+OUTCOMES = ("created", "existing", "updated", "rejected", "duplicate", "failed", "unconfirmed", "unchanged")
 REJECT_INVALID_EMAIL = "invalid_email"
 REJECT_MISSING_IDENTITY = "missing_identity"
 

@@ -29,9 +29,11 @@ import polars as pl
 
 from apollo_sync import settings
 from apollo_sync.clean import Prepared, load_mapping, prepare
+from apollo_sync.clean.payload import contact_field_hashes, payload_fields
 from apollo_sync.errors import ApolloSyncError, ConfigError, InputError, RunStopped
 from apollo_sync.ledger import Ledger, open_ledger, target_for
 from apollo_sync.load import ApolloClient, Chunk, ChunkResult, GroupResult, LoadConfig, LoadSession, Pacer
+from apollo_sync.load.update import would_change
 from apollo_sync.params import Format, SourceParams, SyncParams
 from apollo_sync.redact import redact_url, register_secret
 from apollo_sync.report import RESULTS_SCHEMA, Frame, build_summary, results_frame, summary_problems, write_report
@@ -125,9 +127,22 @@ def clean_contacts(source: Source, mapping: str | None, phone_region: str, prepa
     return prepare(source.frame, mapping=loaded, phone_region=phone_region, out_dir=prepared_dir)
 
 
-def plan_contacts(ledger: Ledger, target: str, prepared: Prepared, *, full_refresh: bool, dry_run: bool) -> Plan:
-    """Ask the ledger which contacts are new or changed; a real run collects only those."""
-    to_send, unchanged = ledger.plan(target, prepared.contacts, full_refresh=full_refresh)
+def plan_contacts(
+    ledger: Ledger,
+    target: str,
+    prepared: Prepared,
+    *,
+    full_refresh: bool,
+    dry_run: bool,
+    mode: str = "create",
+    labels: tuple[str, ...] = (),
+) -> Plan:
+    """Ask the ledger which contacts are new or changed (``upsert``: and which to update by id); a real run collects
+    only those. Each gets its field hashes (``labels``: the run's), which the ledger keeps once Apollo confirms."""
+    contacts = prepared.contacts
+    fields = payload_fields(contacts.collect_schema().names())
+    contacts = contacts.with_columns(contact_field_hashes(fields, labels).alias("field_hashes"))
+    to_send, unchanged = ledger.plan(target, contacts, full_refresh=full_refresh, mode=mode)
     if not dry_run and isinstance(to_send, pl.LazyFrame):
         to_send = to_send.collect(engine="streaming")
     return Plan(to_send, unchanged, dry_run)
@@ -142,7 +157,7 @@ def write_run_report(run: SyncRun, prepared: Prepared, plan: Plan, sent: list[Gr
     """Every row's outcome and the summary: summary.json, results.parquet/.csv, rejected.csv. Returns the summary."""
     outcomes = [as_outcomes(plan.unchanged, "unchanged")]
     if plan.dry_run:
-        outcomes.append(as_outcomes(plan.to_send, "would_send"))
+        outcomes.append(would_send(plan.to_send))
     outcomes += [result.outcomes for result in sent]
     stopped = next((r.stopped for r in sent if r.stopped is not None), None)
     if stopped is not None:  # rows of the groups never sent are failed, so every row still has its outcome
@@ -187,6 +202,24 @@ def as_outcomes(rows: Frame, outcome: str, reason: str | None = None) -> Frame:
         pl.lit(outcome).alias("outcome"),
         (pl.col("apollo_id").cast(pl.String) if has_id else pl.lit(None, pl.String)).alias("apollo_id"),
         pl.lit(reason, pl.String).alias("reason"),
+    ).cast(RESULTS_SCHEMA)
+
+
+def would_send(to_send: Frame) -> Frame:
+    """A dry run's outcomes: ``would_send`` (to Bulk Create), or in upsert mode ``would_update`` for the rows the
+    ledger knows an Apollo id of, with the fields that changed since Apollo confirmed them as the reason."""
+    if "update_id" not in to_send.collect_schema().names():
+        return as_outcomes(to_send, "would_send")
+    is_update = pl.col("update_id").is_not_null()
+    changed = pl.struct("field_hashes", "base_hashes").map_elements(
+        lambda row: would_change(row["field_hashes"], row["base_hashes"]), return_dtype=pl.String
+    )
+    return to_send.select(
+        pl.col(settings.SOURCE_ROW).cast(pl.Int64),
+        pl.col("email").cast(pl.String),
+        pl.when(is_update).then(pl.lit("would_update")).otherwise(pl.lit("would_send")).alias("outcome"),
+        pl.col("update_id").cast(pl.String).alias("apollo_id"),
+        pl.when(is_update).then(changed).alias("reason"),
     ).cast(RESULTS_SCHEMA)
 
 
@@ -278,7 +311,7 @@ async def open_sender(run: SyncRun, plan: Plan, steps: Steps) -> tuple[ApolloCli
     client = ApolloClient(apollo.base_url, key, auth=apollo.auth.value, timeout=load.timeout)
     await client.__aenter__()
     config = LoadConfig(target=run.target, run_id=run.run_id, labels=tuple(apollo.labels), run_dedupe=apollo.run_dedupe,
-                        concurrency=load.concurrency, chunk_size=load.chunk_size)  # fmt: skip
+                        concurrency=load.concurrency, chunk_size=load.chunk_size, mode=run.params.run.mode.value)  # fmt: skip
     session = LoadSession(client, Pacer(max_rpm=load.max_rpm), run.ledger, config, before_request=before,
                           on_chunk_done=progress.chunk_done)  # fmt: skip
     chunks = session.make_chunks(plan.to_send)
@@ -329,7 +362,8 @@ async def run_sync(params: SyncParams, *, steps: Steps = PLAIN_STEPS, run_id: st
         prepared = steps.clean(source, params.cleaning.mapping, params.cleaning.phone_region, parts)
         _log_prepared(prepared, source)
         plan = steps.plan(run.ledger, run.target, prepared, full_refresh=params.run.full_refresh,
-                          dry_run=params.run.dry_run)  # fmt: skip
+                          dry_run=params.run.dry_run, mode=params.run.mode.value,
+                          labels=tuple(params.apollo.labels))  # fmt: skip
         sent = await send_all(run, plan, steps)
         summary = steps.report(run, prepared, plan, sent)
         stopped = next((r.stopped for r in sent if r.stopped is not None), None)
@@ -365,8 +399,8 @@ def _advance_cursor(run: SyncRun, source: Source, summary: dict, stopped: RunSto
 
 def _log_done(summary: dict) -> None:
     if summary.get("dry_run"):
-        logger.info("Dry run: %d rows would be sent, %d unchanged since the last sync",
-                    summary.get("would_send", 0), summary["unchanged"])  # fmt: skip
-    logger.info("Done in %.1fs: %d created, %d existing, %d unchanged, %d failed, %d unconfirmed; report in %s",
-                summary["seconds"], summary["created"], summary["existing"], summary["unchanged"], summary["failed"],
-                summary["unconfirmed"], summary["report_dir"])  # fmt: skip
+        logger.info("Dry run: %d rows would be created, %d updated, %d unchanged since the last sync",
+                    summary.get("would_send", 0), summary.get("would_update", 0), summary["unchanged"])  # fmt: skip
+    logger.info("Done in %.1fs: %d created, %d updated, %d existing, %d unchanged, %d failed, %d unconfirmed; "
+                "report in %s", summary["seconds"], summary["created"], summary["updated"], summary["existing"],
+                summary["unchanged"], summary["failed"], summary["unconfirmed"], summary["report_dir"])  # fmt: skip

@@ -52,7 +52,7 @@ PROGRESS_MIN_SECONDS = 1.0
 """Least time between two progress updates before 100 %: each update is an API call and a database write, and
 a run sending 30,000 contacts in 3 s would otherwise make 100 (0.9 s of its event loop's time in a profile)."""
 PROBLEM_COLUMNS = ("source_row", "email", "outcome", "reason")
-COUNT_KEYS = ("created", "existing", "unchanged", "failed", "unconfirmed")
+COUNT_KEYS = ("created", "updated", "existing", "unchanged", "failed", "unconfirmed")
 """Outcomes of contacts that were sent (or skipped as unchanged), in the order the summary shows them."""
 MATERIALIZED_BY = "apollo-sync"
 _MAX_ASSET_KEY = 512
@@ -195,7 +195,7 @@ def summary_markdown(summary: Mapping[str, Any], *, source_uri: str, target_url:
     """The run summary as markdown: where from/to, counts by outcome, rejects by reason, requests, throughput."""
     p = event_payload(summary)
     seconds = p["seconds"]
-    sent = sum(p[key] for key in ("created", "existing", "failed", "unconfirmed"))
+    sent = sum(p[key] for key in ("created", "updated", "existing", "failed", "unconfirmed"))
     lines = [
         "# apollo-sync run",
         "",
@@ -272,9 +272,9 @@ async def _record_lineage(summary: Mapping[str, Any], *, source_uri: str, target
     source = asset_key(source_uri)
     target = Asset(
         key=contacts_asset_key(target_url),
-        properties=AssetProperties(name="Apollo contacts", description="Contacts created by apollo-sync"),
+        properties=AssetProperties(name="Apollo contacts", description="Contacts created or updated by apollo-sync"),
     )
-    metadata = {key: _count(summary, key) for key in ("created", "existing", "failed", "unconfirmed", "requests")}
+    metadata = {key: _count(summary, key) for key in ("created", "updated", "existing", "failed", "unconfirmed", "requests")}
 
     async def record_contacts_lineage() -> None:
         add_asset_metadata(target.key, metadata)

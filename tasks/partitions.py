@@ -102,11 +102,11 @@ def partitions_markdown(merged: Mapping[str, Any], *, source_uri: str, target_ur
         "# apollo-sync run", f"# apollo-sync run over {len(merged['partitions'])} partitions", 1)]  # fmt: skip
     lines += [
         "",
-        "| partition | state | rows read | created | existing | unchanged | failed | unconfirmed | duplicate |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| partition | state | rows read | created | updated | existing | unchanged | failed | unconfirmed | duplicate |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in merged["partitions"]:
-        counts = [p.get(k, "") for k in ("rows_read", "created", "existing", "unchanged", "failed", "unconfirmed",
+        counts = [p.get(k, "") for k in ("rows_read", "created", "updated", "existing", "unchanged", "failed", "unconfirmed",
                                          "duplicates_in_source")]  # fmt: skip
         lines.append(f"| {p['partition']}: {redact_url(str(p['label']))} | {p['state']} | " + " | ".join(map(str, counts)) + " |")
     return "\n".join(lines) + "\n"
@@ -181,9 +181,9 @@ async def run_partitions(params: SyncParams, partitioning: PartitionParams, pare
         logger.error("Merged summary does not add up: %s", problem)
     write_summary(report_path, merged)
     await publish_partitions(merged, children, source_uri=params.source.path, target_url=params.apollo.base_url)
-    logger.info("Done in %.1fs over %d partitions: %d created, %d existing, %d unchanged, %d failed, %d unconfirmed, "
-                "%d duplicates (in source or claimed by another partition); report in %s", merged["seconds"],
-                len(parts), merged["created"], merged["existing"], merged["unchanged"], merged["failed"],
+    logger.info("Done in %.1fs over %d partitions: %d created, %d updated, %d existing, %d unchanged, %d failed, "
+                "%d unconfirmed, %d duplicates (in source or claimed by another partition); report in %s", merged["seconds"],
+                len(parts), merged["created"], merged["updated"], merged["existing"], merged["unchanged"], merged["failed"],
                 merged["unconfirmed"], merged["duplicates_in_source"], merged["report_dir"])  # fmt: skip
     if merged["partitions_failed"]:
         failed = [f"{p['partition']} ({p['state']})" for p in merged["partitions"] if p["state"] != "Completed"]

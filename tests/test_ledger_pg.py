@@ -229,3 +229,52 @@ def test_an_identity_twice_in_one_batch_is_claimed_and_recorded_once(new_ledger)
     assert got.claimed == {"email:a", "email:b"} and not got.refused
     ledger.record(T, outcomes([("email:a", "1", "created", "A"), ("email:a", "1", "existing", "A")]), "run-1")
     assert ledger.status_counts(T) == {"existing": 1, "pending": 1}
+
+
+def _with_hashes(rows):
+    """outcomes() plus the status to store and the field hashes of what was sent."""
+    return pl.DataFrame(rows, schema={"identity": pl.String, "fingerprint": pl.String, "outcome": pl.String,
+                                      "apollo_id": pl.String, "status": pl.String, "field_hashes": pl.String},
+                        orient="row")  # fmt: skip
+
+
+def test_upsert_plans_updates_by_id_against_the_last_confirmed_field_hashes(new_ledger):
+    ledger = new_ledger()
+    ledger.record(T, _with_hashes([
+        ("email:a", "1", "created", "A", "created", "title=1"),      # ours, in step
+        ("email:b", "2", "existing", "B", "existing", "title=2"),    # Apollo kept its values: hashes dropped
+        ("email:c", "3", "updated", "C", "updated", "title=3"),
+        ("email:d", "4", "created", "D", "created", "title=4"),
+    ]), "run1")  # fmt: skip
+    ledger.record(T, _with_hashes([("email:d", "4b", "failed", None, "failed", "title=9")]), "run2")  # keeps title=4
+    contacts = frame([("email:a", "1"), ("email:b", "2"), ("email:c", "3-changed"), ("email:d", "4b"), ("email:e", "5")])
+
+    to_send, unchanged = ledger.plan(T, contacts, mode="upsert")
+
+    assert unchanged["identity"].to_list() == ["email:a"] and "update_id" not in unchanged.columns
+    assert to_send.select("identity", "update_id", "base_hashes").rows() == [
+        ("email:b", "B", None), ("email:c", "C", "title=3"), ("email:d", "D", "title=4"), ("email:e", None, None),
+    ]  # fmt: skip
+    created_mode, _ = ledger.plan(T, contacts)
+    assert created_mode["identity"].to_list() == ["email:c", "email:d", "email:e"]  # existing b is confirmed there
+    assert "update_id" not in created_mode.columns
+    full, _ = ledger.plan(T, contacts, full_refresh=True, mode="upsert")
+    assert full["base_hashes"].null_count() == full.height  # a full refresh sends every non-empty field
+    with pytest.raises(InputError, match="mode"):
+        ledger.plan(T, contacts, mode="overwrite")
+
+
+def test_a_ledger_from_before_upsert_is_migrated_in_place(tmp_path):
+    path = tmp_path / "state" / LEDGER_FILE
+    path.parent.mkdir()
+    with sqlite3.connect(path) as db:  # the table as versions before upsert made it
+        db.execute("""CREATE TABLE sync_ledger (target TEXT NOT NULL, identity TEXT NOT NULL, fingerprint TEXT,
+                      apollo_id TEXT, status TEXT NOT NULL, run_id TEXT, updated_at TEXT NOT NULL,
+                      PRIMARY KEY (target, identity))""")  # fmt: skip
+        db.execute("INSERT INTO sync_ledger VALUES (?, 'email:a', '1', 'A', 'existing', 'old', '2026-01-01')", (T,))
+    with open_ledger(tmp_path / "state") as ledger:
+        to_send, unchanged = ledger.plan(T, frame([("email:a", "1")]), mode="upsert")
+        assert to_send.select("update_id", "base_hashes").rows() == [("A", None)] and unchanged.height == 0
+        ledger.record(T, _with_hashes([("email:a", "1", "updated", "A", "updated", "title=1")]), "new")
+        _, unchanged = ledger.plan(T, frame([("email:a", "1")]), mode="upsert")
+        assert unchanged.height == 1

@@ -15,7 +15,10 @@ import polars as pl
 
 from apollo_sync.clean.mapping import CUSTOM_PREFIX, MAPPABLE_FIELDS
 
-__all__ = ["with_payload", "contact_fingerprint", "field_weight", "json_string", "payload_fields"]
+__all__ = [
+    "with_payload", "contact_fingerprint", "contact_field_hashes", "field_weight", "json_string", "parse_field_hashes",
+    "payload_fields",
+]
 
 _JSON_ESCAPES = {"\\": "\\\\", '"': '\\"', **{chr(i): f"\\u{i:04x}" for i in range(32)}}
 
@@ -118,6 +121,33 @@ def contact_fingerprint(fields: Sequence[str]) -> pl.Expr:
         terms.append(((hashed + one) * pl.lit(field_weight(name), dtype=pl.UInt64)).fill_null(0))
     total = pl.sum_horizontal(terms) if terms else pl.lit(0, dtype=pl.UInt64)
     return total.cast(pl.UInt64).cast(pl.String)
+
+
+def contact_field_hashes(fields: Sequence[str], labels: Sequence[str] = ()) -> pl.Expr:
+    """Each contact's cleaned ``fields`` as ``name=hash`` pairs joined by ``;``: the fields with a value only, each
+    hashed as for :func:`contact_fingerprint`. ``label_names`` hashes the set of the row's labels and ``labels`` (the
+    run's, which every contact also gets). The ledger keeps this for each contact Apollo confirmed, so an upsert
+    sends only the fields whose value changed since (:func:`parse_field_hashes`)."""
+    terms = []
+    for name in fields:
+        if name == "label_names":
+            continue
+        terms.append(pl.lit(f"{name}=") + _mm3(pl.col(name)).cast(pl.String))
+    if "label_names" in fields or labels:
+        row_labels = pl.col("label_names").fill_null([]) if "label_names" in fields else pl.lit([], pl.List(pl.String))
+        every = pl.concat_list([row_labels, pl.lit(list(labels), pl.List(pl.String))]).list.unique()
+        hashed = every.list.eval(_mm3(pl.element())).list.sum()
+        terms.append(pl.when(every.list.len() > 0).then(pl.lit("label_names=") + hashed.cast(pl.String)))
+    if not terms:
+        return pl.lit("", pl.String)
+    return pl.concat_str(terms, separator=";", ignore_nulls=True)
+
+
+def parse_field_hashes(text: str | None) -> dict[str, str] | None:
+    """``contact_field_hashes`` text as {field: hash}; None for None (nothing known)."""
+    if text is None:
+        return None
+    return dict(item.split("=", 1) for item in text.split(";") if item)
 
 
 def _mm3(expr: pl.Expr) -> pl.Expr:

@@ -21,12 +21,22 @@ import polars as pl
 from apollo_sync import settings
 from apollo_sync.errors import InputError
 
-CONFIRMED = ("created", "existing")
-STATUSES = ("pending", "created", "existing", "failed")
-RECORDED = ("created", "existing", "failed")
-"""Outcomes ``record`` stores; ``unconfirmed`` rows stay ``pending`` and other outcomes are ignored."""
-LEDGER_SCHEMA = {"identity": pl.String, "fingerprint": pl.String, "status": pl.String}
-"""The frame ``_known`` returns: every (identity, fingerprint, status) held for one target."""
+CONFIRMED = ("created", "existing", "updated")
+STATUSES = ("pending", "created", "existing", "updated", "failed")
+RECORDED = ("created", "existing", "updated", "failed")
+"""Statuses ``record`` stores; ``unconfirmed`` rows stay ``pending`` and other outcomes are ignored."""
+IN_STEP = ("created", "updated")
+"""Statuses whose ``field_hashes`` are what Apollo holds: the contact took the source's values (created by us, or
+updated and confirmed). ``existing`` means Apollo matched a contact it already had and kept its own values."""
+LEDGER_SCHEMA = {
+    "identity": pl.String,
+    "fingerprint": pl.String,
+    "status": pl.String,
+    "apollo_id": pl.String,
+    "field_hashes": pl.String,
+}
+"""The frame ``_known`` returns: what the ledger holds per identity for one target."""
+MODES = ("create", "upsert")
 HOST = socket.gethostname()
 """This machine's name, stored with each run's heartbeat so runs on this host can be checked for a live process."""
 
@@ -84,40 +94,60 @@ class Ledger(abc.ABC):
         self._planned_at = None
         self._opened_at = self._clock()
 
-    def plan(self, target: str, contacts: pl.DataFrame | pl.LazyFrame, full_refresh: bool = False):
+    def plan(
+        self,
+        target: str,
+        contacts: pl.DataFrame | pl.LazyFrame,
+        full_refresh: bool = False,
+        mode: str = "create",
+    ):
         """Split ``contacts`` (columns ``identity``, ``fingerprint``, ...) into ``(to_send, unchanged)``.
 
-        ``unchanged``: the identity is confirmed (created/existing) with the same fingerprint (never with
-        ``full_refresh``). ``to_send`` gets a bool column ``must_dedupe``: the ledger has seen this identity
-        before (a pending row from a killed run, a failed row, or changed content), so it must be sent with
-        ``run_dedupe`` true. Both keep the input's columns and order. A LazyFrame (prepare()'s Parquet parts)
-        gives two LazyFrames: the ledger is read now, the contacts only when they are collected or sunk.
+        ``unchanged``: the identity is confirmed with the same fingerprint (never with ``full_refresh``). In
+        ``upsert`` mode a contact confirmed only as ``existing`` is not unchanged: Apollo kept its own values, so
+        it is updated until it is in step.
+
+        ``to_send`` gets a bool column ``must_dedupe`` (the ledger has seen this identity before: a pending row
+        from a killed run, a failed row, or changed content, so a create must go with ``run_dedupe`` true) and,
+        in ``upsert`` mode, ``update_id``: the Apollo id to update by, for every row the ledger knows an id of
+        (null: create it), and ``base_hashes``: the field hashes of the last values Apollo confirmed (null when
+        unknown: send every non-empty field). Both keep the input's columns and order. A LazyFrame (prepare()'s
+        Parquet parts) gives two LazyFrames: the ledger is read now, the contacts only when they are collected.
         """
+        if mode not in MODES:
+            raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         lazy = isinstance(contacts, pl.LazyFrame)
         names = contacts.collect_schema().names() if lazy else contacts.columns
         for column in ("identity", "fingerprint"):
             if column not in names:
                 raise InputError(f"contacts for the ledger need a {column!r} column; prepare() makes it")
         self._planned_at = self._clock()
-        known = self._known(target).rename({"fingerprint": "_ledger_fp", "status": "_ledger_status"})
+        known = self._known(target).rename(
+            {"fingerprint": "_ledger_fp", "status": "_ledger_status", "apollo_id": "_ledger_id", "field_hashes": "_ledger_hashes"}
+        )
         if lazy:
             known = known.lazy()
         joined = contacts.join(known, on="identity", how="left", maintain_order="left")
+        confirmed = IN_STEP if mode == "upsert" else CONFIRMED
         is_unchanged = (
-            pl.col("_ledger_status").is_in(CONFIRMED) & (pl.col("_ledger_fp") == pl.col("fingerprint"))
+            pl.col("_ledger_status").is_in(confirmed) & (pl.col("_ledger_fp") == pl.col("fingerprint"))
         ).fill_null(False)
         if full_refresh:
             is_unchanged = pl.lit(False)
-        joined = joined.with_columns(
-            _unchanged=is_unchanged, must_dedupe=pl.col("_ledger_status").is_not_null()
-        )
-        to_send = joined.filter(~pl.col("_unchanged")).drop("_ledger_fp", "_ledger_status", "_unchanged")
-        unchanged = joined.filter(pl.col("_unchanged")).drop("_ledger_fp", "_ledger_status", "_unchanged", "must_dedupe")
+        added = {"_unchanged": is_unchanged, "must_dedupe": pl.col("_ledger_status").is_not_null()}
+        if mode == "upsert":
+            added["update_id"] = pl.col("_ledger_id")
+            base = pl.when(pl.col("_ledger_status") != "existing").then(pl.col("_ledger_hashes"))
+            added["base_hashes"] = pl.lit(None, pl.String) if full_refresh else base
+        joined = joined.with_columns(**added)
+        internal = ("_ledger_fp", "_ledger_status", "_ledger_id", "_ledger_hashes", "_unchanged")
+        to_send = joined.filter(~pl.col("_unchanged")).drop(*internal)
+        unchanged = joined.filter(pl.col("_unchanged")).drop(*internal, *[c for c in added if not c.startswith("_")])
         return to_send, unchanged
 
     @abc.abstractmethod
     def _known(self, target: str) -> pl.DataFrame:
-        """Every (identity, fingerprint, status) the ledger holds for ``target`` (:data:`LEDGER_SCHEMA`)."""
+        """Everything the ledger holds for ``target`` (:data:`LEDGER_SCHEMA`)."""
 
     @abc.abstractmethod
     def mark_pending(self, target: str, rows: pl.DataFrame, run_id: str) -> None:
@@ -179,10 +209,13 @@ class Ledger(abc.ABC):
 
     @abc.abstractmethod
     def record(self, target: str, outcomes: pl.DataFrame, run_id: str) -> None:
-        """Record answers: ``outcomes`` has ``identity``, ``fingerprint``, ``outcome``, ``apollo_id``; one transaction.
+        """Record answers: ``outcomes`` has ``identity``, ``fingerprint``, ``outcome``, ``apollo_id`` and optionally
+        ``status`` (overrides the status the outcome implies) and ``field_hashes``; one transaction.
 
-        ``created``/``existing``/``failed`` are stored; ``unconfirmed`` rows stay ``pending`` (they may have
-        landed), other outcomes are ignored.
+        ``created``/``existing``/``updated``/``failed`` are stored (:func:`recorded_rows`); ``unconfirmed`` rows stay
+        ``pending`` (they may have landed), other outcomes are ignored. The field hashes are kept for an in-step
+        status, cleared for ``existing`` and left as they were otherwise (the last confirmed values stay the base
+        of the next diff).
         """
 
     @abc.abstractmethod
@@ -206,3 +239,21 @@ class Ledger(abc.ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def recorded_rows(outcomes: pl.DataFrame) -> pl.DataFrame:
+    """The rows of ``outcomes`` the ledger stores, one per identity (the last wins), as columns ``identity``,
+    ``fingerprint``, ``apollo_id``, ``status``, ``field_hashes`` (both backends write exactly these)."""
+    status = pl.col("status") if "status" in outcomes.columns else pl.col("outcome")
+    hashes = pl.col("field_hashes") if "field_hashes" in outcomes.columns else pl.lit(None, pl.String)
+    return (
+        outcomes.select(
+            pl.col("identity").cast(pl.String),
+            pl.col("fingerprint").cast(pl.String),
+            pl.col("apollo_id").cast(pl.String),
+            status.cast(pl.String).alias("status"),
+            hashes.cast(pl.String).alias("field_hashes"),
+        )
+        .filter(pl.col("status").is_in(RECORDED))
+        .unique("identity", keep="last", maintain_order=True)
+    )

@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlsplit
 import polars as pl
 
 from apollo_sync.errors import InputError
-from apollo_sync.ledger.base import HOST, LEDGER_SCHEMA, RECORDED, Claim, Ledger, pid_alive
+from apollo_sync.ledger.base import HOST, LEDGER_SCHEMA, Claim, Ledger, pid_alive, recorded_rows
 
 SCHEMES = ("postgresql", "postgres")
 _SCHEMA_LOCK = 72_616_571  # pg_advisory_xact_lock key while creating the tables
@@ -36,6 +36,8 @@ _SCHEMA = (
         updated_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
         PRIMARY KEY (target, identity)
     )""",
+    # added with upsert; an earlier ledger is migrated in place, its rows diffed against nothing at first
+    "ALTER TABLE sync_ledger ADD COLUMN IF NOT EXISTS field_hashes TEXT",
     """CREATE TABLE IF NOT EXISTS sync_marks (
         mark_key   TEXT PRIMARY KEY,
         mark_value TEXT,
@@ -60,7 +62,7 @@ _CLAIM = """
     ON CONFLICT (target, identity) DO UPDATE SET
         fingerprint = excluded.fingerprint, status = 'pending', run_id = excluded.run_id, updated_at = now()
     WHERE l.run_id IS NOT DISTINCT FROM excluded.run_id OR NOT (
-        (l.status IN ('created', 'existing') AND l.fingerprint IS NOT DISTINCT FROM excluded.fingerprint
+        (l.status IN ('created', 'existing', 'updated') AND l.fingerprint IS NOT DISTINCT FROM excluded.fingerprint
          AND l.updated_at > %(since)s)
         OR (l.status = 'pending' AND EXISTS (
             SELECT 1 FROM sync_runs AS r WHERE r.run_id = l.run_id AND NOT r.finished
@@ -69,13 +71,15 @@ _CLAIM = """
     RETURNING l.identity, (l.xmax <> 0) AS seen
 """
 _RECORD = """
-    INSERT INTO sync_ledger AS l (target, identity, fingerprint, apollo_id, status, run_id, updated_at)
-    SELECT %(target)s, u.identity, u.fingerprint, u.apollo_id, u.status, %(run_id)s, now()
-    FROM unnest(%(identities)s::text[], %(fingerprints)s::text[], %(apollo_ids)s::text[], %(statuses)s::text[])
-        AS u(identity, fingerprint, apollo_id, status)
+    INSERT INTO sync_ledger AS l (target, identity, fingerprint, apollo_id, status, run_id, updated_at, field_hashes)
+    SELECT %(target)s, u.identity, u.fingerprint, u.apollo_id, u.status, %(run_id)s, now(), u.field_hashes
+    FROM unnest(%(identities)s::text[], %(fingerprints)s::text[], %(apollo_ids)s::text[], %(statuses)s::text[],
+                %(hashes)s::text[]) AS u(identity, fingerprint, apollo_id, status, field_hashes)
     ON CONFLICT (target, identity) DO UPDATE SET
         fingerprint = excluded.fingerprint, apollo_id = COALESCE(excluded.apollo_id, l.apollo_id),
-        status = excluded.status, run_id = excluded.run_id, updated_at = now()
+        status = excluded.status, run_id = excluded.run_id, updated_at = now(),
+        field_hashes = CASE WHEN excluded.status IN ('created', 'updated') THEN excluded.field_hashes
+                            WHEN excluded.status = 'existing' THEN NULL ELSE l.field_hashes END
 """
 _MARK_PENDING = """
     INSERT INTO sync_ledger AS l (target, identity, fingerprint, apollo_id, status, run_id, updated_at)
@@ -134,7 +138,8 @@ class PostgresLedger(Ledger):
     def _known(self, target: str) -> pl.DataFrame:
         with self._lock:
             rows = self._db.execute(
-                "SELECT identity, fingerprint, status FROM sync_ledger WHERE target = %s", (target,)
+                "SELECT identity, fingerprint, status, apollo_id, field_hashes FROM sync_ledger WHERE target = %s",
+                (target,),
             ).fetchall()
         return pl.DataFrame(rows, schema=LEDGER_SCHEMA, orient="row")
 
@@ -188,8 +193,7 @@ class PostgresLedger(Ledger):
             self._db.execute(_MARK_PENDING, params)
 
     def record(self, target: str, outcomes: pl.DataFrame, run_id: str) -> None:
-        kept = outcomes.filter(pl.col("outcome").is_in(list(RECORDED)))
-        kept = kept.unique("identity", keep="last", maintain_order=True)  # one statement may not touch a row twice
+        kept = recorded_rows(outcomes)  # one row per identity: one statement may not touch a row twice
         if kept.height == 0:
             return
         params = {
@@ -198,7 +202,8 @@ class PostgresLedger(Ledger):
             "identities": kept["identity"].to_list(),
             "fingerprints": kept["fingerprint"].to_list(),
             "apollo_ids": kept["apollo_id"].to_list(),
-            "statuses": kept["outcome"].to_list(),
+            "statuses": kept["status"].to_list(),
+            "hashes": kept["field_hashes"].to_list(),
         }
         with self._lock:
             self._db.execute(_RECORD, params)

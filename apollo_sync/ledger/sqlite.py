@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from apollo_sync.errors import InputError
-from apollo_sync.ledger.base import HOST, LEDGER_SCHEMA, RECORDED, Claim, Ledger, now, pid_alive
+from apollo_sync.ledger.base import HOST, LEDGER_SCHEMA, Claim, Ledger, now, pid_alive, recorded_rows
 
 LEDGER_FILE = "ledger.sqlite3"
 """The file name of the SQLite ledger inside ``state_dir``."""
@@ -31,6 +31,7 @@ _SCHEMA = (
         status      TEXT NOT NULL,
         run_id      TEXT,
         updated_at  TEXT NOT NULL,
+        field_hashes TEXT,
         PRIMARY KEY (target, identity)
     )""",
     """CREATE TABLE IF NOT EXISTS sync_marks (
@@ -55,11 +56,13 @@ _MARK_PENDING = """
         updated_at = excluded.updated_at
 """
 _RECORD = """
-    INSERT INTO sync_ledger (target, identity, fingerprint, apollo_id, status, run_id, updated_at)
-    VALUES (?, ?, ?, ?, ?, ?, ?)
+    INSERT INTO sync_ledger (target, identity, fingerprint, apollo_id, status, run_id, updated_at, field_hashes)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (target, identity) DO UPDATE SET
         fingerprint = excluded.fingerprint, apollo_id = COALESCE(excluded.apollo_id, sync_ledger.apollo_id),
-        status = excluded.status, run_id = excluded.run_id, updated_at = excluded.updated_at
+        status = excluded.status, run_id = excluded.run_id, updated_at = excluded.updated_at,
+        field_hashes = CASE WHEN excluded.status IN ('created', 'updated') THEN excluded.field_hashes
+                            WHEN excluded.status = 'existing' THEN NULL ELSE sync_ledger.field_hashes END
 """
 _CLAIM = """
     INSERT INTO sync_ledger (target, identity, fingerprint, apollo_id, status, run_id, updated_at)
@@ -68,7 +71,7 @@ _CLAIM = """
         fingerprint = excluded.fingerprint, status = 'pending', run_id = excluded.run_id,
         updated_at = excluded.updated_at
     WHERE sync_ledger.run_id IS excluded.run_id OR NOT (
-        (sync_ledger.status IN ('created', 'existing') AND sync_ledger.fingerprint IS excluded.fingerprint
+        (sync_ledger.status IN ('created', 'existing', 'updated') AND sync_ledger.fingerprint IS excluded.fingerprint
          AND sync_ledger.updated_at > ?6)
         OR (sync_ledger.status = 'pending' AND EXISTS (
             SELECT 1 FROM sync_runs AS r WHERE r.run_id = sync_ledger.run_id AND r.finished = 0 AND r.heartbeat_at > ?7))
@@ -97,6 +100,7 @@ class SQLiteLedger(Ledger):
             self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across a killed process
             for statement in _SCHEMA:
                 self._db.execute(statement)
+            _migrate(self._db)
         except (OSError, sqlite3.Error) as exc:
             raise InputError(f"cannot open the ledger at {self.path}: {exc}; check --state-dir") from None
         self._lock = threading.Lock()
@@ -108,7 +112,8 @@ class SQLiteLedger(Ledger):
     def _known(self, target: str) -> pl.DataFrame:
         with self._lock:
             rows = self._db.execute(
-                "SELECT identity, fingerprint, status FROM sync_ledger WHERE target = ?", (target,)
+                "SELECT identity, fingerprint, status, apollo_id, field_hashes FROM sync_ledger WHERE target = ?",
+                (target,),
             ).fetchall()
         return pl.DataFrame(rows, schema=LEDGER_SCHEMA, orient="row")
 
@@ -178,15 +183,10 @@ class SQLiteLedger(Ledger):
 
     def record(self, target: str, outcomes: pl.DataFrame, run_id: str) -> None:
         stamp = now()
+        rows = recorded_rows(outcomes)
         params = [
-            (target, identity, fp, apollo_id, outcome, run_id, stamp)
-            for identity, fp, outcome, apollo_id in zip(
-                outcomes["identity"].to_list(),
-                outcomes["fingerprint"].to_list(),
-                outcomes["outcome"].to_list(),
-                outcomes["apollo_id"].to_list(),
-            )
-            if outcome in RECORDED
+            (target, identity, fp, apollo_id, status, run_id, stamp, hashes)
+            for identity, fp, apollo_id, status, hashes in rows.iter_rows()
         ]
         self._write(_RECORD, params)
 
@@ -209,3 +209,11 @@ class SQLiteLedger(Ledger):
         self._finish_own_runs()
         with self._lock:
             self._db.close()
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a ledger written by an earlier version up to date in place: ``field_hashes`` (for upsert diffs) came
+    later; rows without it are diffed against nothing, so their first update sends every non-empty field."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(sync_ledger)")}
+    if "field_hashes" not in columns:
+        db.execute("ALTER TABLE sync_ledger ADD COLUMN field_hashes TEXT")

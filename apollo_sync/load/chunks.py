@@ -4,7 +4,7 @@ request sends, and the outcomes frame every row ends in (pure polars and lists; 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import polars as pl
 
@@ -22,16 +22,21 @@ OUTCOMES_SCHEMA = {
 """The outcomes frame every ``load`` returns (common contract)."""
 
 REQUIRED_COLUMNS = ("source_row", "identity")
-OPTIONAL_COLUMNS = ("fingerprint", "email", "first_name", "last_name", "organization_name")
+OPTIONAL_COLUMNS = (
+    "fingerprint", "email", "first_name", "last_name", "organization_name", "update_id", "base_hashes", "field_hashes",
+)
+"""Used when present: ``update_id``/``base_hashes`` come from an upsert plan, ``field_hashes`` from the plan."""
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """At most ``chunk_size`` rows sent in one request; ``must_dedupe`` chunks always go with ``run_dedupe``."""
+    """At most ``chunk_size`` rows sent in one request; ``must_dedupe`` chunks always go with ``run_dedupe``;
+    ``updates``: every row has an Apollo id to update by (an upsert of contacts the ledger knows)."""
 
     number: int
     rows: pl.DataFrame
     must_dedupe: bool = False
+    updates: bool = False
 
     def __len__(self) -> int:
         return self.rows.height
@@ -64,10 +69,12 @@ def cut_chunks(to_send: pl.DataFrame, chunk_size: int, first_number: int = 0) ->
         pl.col("must_dedupe").fill_null(True).cast(pl.Boolean),
     )
     chunks: list[Chunk] = []
-    for flag in (False, True):
-        part = frame.filter(pl.col("must_dedupe") == flag).drop("must_dedupe")
-        for start in range(0, part.height, chunk_size):
-            chunks.append(Chunk(first_number + len(chunks), part.slice(start, chunk_size), flag))
+    for updates in (False, True):
+        for flag in (False, True):
+            kind = (pl.col("must_dedupe") == flag) & (pl.col("update_id").is_not_null() == updates)
+            part = frame.filter(kind).drop("must_dedupe")
+            for start in range(0, part.height, chunk_size):
+                chunks.append(Chunk(first_number + len(chunks), part.slice(start, chunk_size), flag, updates))
     return chunks
 
 
@@ -81,6 +88,9 @@ class RequestRows:
     payload: list[str]
     email: list[str | None]
     sent: list[SentRow]
+    update_id: list[str | None]
+    base_hashes: list[str | None]
+    field_hashes: list[str | None]
 
     def __len__(self) -> int:
         return len(self.payload)
@@ -95,16 +105,25 @@ class RequestRows:
             SentRow(e, f, l, o)
             for e, f, l, o in zip(cols["email"], cols["first_name"], cols["last_name"], cols["organization_name"])
         ]
-        return cls(cols["source_row"], cols["identity"], cols["fingerprint"], cols["payload"], cols["email"], sent)
+        return cls(cols["source_row"], cols["identity"], cols["fingerprint"], cols["payload"], cols["email"], sent,
+                   cols["update_id"], cols["base_hashes"], cols["field_hashes"])  # fmt: skip
+
+    def pick(self, indexes: Sequence[int]) -> RequestRows:
+        """The rows at ``indexes``, in that order."""
+        return RequestRows(*([getattr(self, f.name)[i] for i in indexes] for f in fields(self)))
 
 
 @dataclass
 class RowOutcome:
-    """How one sent row ended: ``outcome`` (created, existing, failed, unconfirmed), its Apollo id, a reason."""
+    """How one sent row ended: ``outcome`` (created, existing, updated, unchanged, failed, unconfirmed), its Apollo
+    id, a reason; ``contact``: Apollo's copy from the answer (upsert diffs against it); ``status``: what the ledger
+    stores when it is not the outcome (an upsert that found nothing to change is in step: ``updated``)."""
 
     outcome: str
     apollo_id: str | None
     reason: str | None
+    contact: Mapping[str, Any] | None = None
+    status: str | None = None
 
 
 def outcomes_frame(rows: RequestRows, outcomes: Sequence[RowOutcome]) -> pl.DataFrame:

@@ -1,8 +1,8 @@
-"""Async client for Apollo's Bulk Create Contacts endpoint, direct or through the AISA gateway.
+"""Async client for Apollo's Bulk Create and Bulk Update Contacts endpoints, direct or through the AISA gateway.
 
-One call, :meth:`ApolloClient.bulk_create`, sends at most 100 contacts and returns what the endpoint created and
-matched, plus the rate-limit windows its headers reported (:class:`~apollo_sync.load.rates.RateInfo`, both header
-families). Error answers in either error shape become :class:`~apollo_sync.errors.ApolloAPIError` (``AuthError`` for
+:meth:`ApolloClient.bulk_create` sends at most 100 contacts and returns what the endpoint created and matched;
+:meth:`ApolloClient.bulk_update` changes at most 100 contacts by id and returns those it updated. Both give the
+rate-limit windows the headers reported (:class:`~apollo_sync.load.rates.RateInfo`, both header families). Error answers in either error shape become :class:`~apollo_sync.errors.ApolloAPIError` (``AuthError`` for
 401/403, ``RateLimited`` for 429; each carries the answer's ``rate``); a request whose answer never came (timeout,
 dropped connection) becomes :class:`~apollo_sync.errors.TransportFailure`, which says whether the request may have
 landed. The API key is held privately and never appears in an exception, a repr or a log line.
@@ -32,6 +32,16 @@ class BulkCreateResponse:
 
     created: list[dict[str, Any]]
     existing: list[dict[str, Any]]
+    rate: RateInfo
+    status: int = 200
+
+
+@dataclass(frozen=True)
+class BulkUpdateResponse:
+    """A 2xx answer of Bulk Update: the contacts it lists as updated (each with ``id``), the rate windows, the
+    status. A contact sent and not listed is not confirmed (an id Apollo no longer knows, or a partial success)."""
+
+    contacts: list[dict[str, Any]]
     rate: RateInfo
     status: int = 200
 
@@ -111,9 +121,41 @@ class ApolloClient:
                 f"{len(contacts)} contacts in one request; the endpoint takes at most "
                 f"{settings.MAX_CONTACTS_PER_REQUEST}: split them into chunks"
             )
-        body = _encode_body(contacts, labels, run_dedupe)
+        response = await self._post(settings.BULK_CREATE_PATH, _encode_body(contacts, labels, run_dedupe))
+        if response.is_success:
+            data = self._answer(response)
+            created = data.get("created_contacts") or []
+            existing = data.get("existing_contacts") or []
+            if not isinstance(created, list) or not isinstance(existing, list):
+                raise self._unreadable(response)
+            return BulkCreateResponse(list(created), list(existing), RateInfo.from_headers(response.headers), response.status_code)
+        raise self._error(response, RateInfo.from_headers(response.headers))
+
+    async def bulk_update(self, attributes: Sequence[Mapping[str, Any]]) -> BulkUpdateResponse:
+        """Update up to 100 contacts by id in one request (``contact_attributes``: each a dict with ``id`` and only
+        the fields to change). At most :data:`~apollo_sync.settings.MAX_SYNC_UPDATE`, so the answer lists what was
+        updated (a larger request is processed asynchronously and confirms nothing): more raises ``InputError``
+        with nothing sent. Errors as for :meth:`bulk_create`."""
+        if len(attributes) > settings.MAX_SYNC_UPDATE:
+            raise InputError(
+                f"{len(attributes)} contacts in one update; at most {settings.MAX_SYNC_UPDATE} get an answer: split them"
+            )
+        if any(not a.get("id") for a in attributes):
+            raise InputError("every contact to update needs its Apollo id")
+        body = json.dumps({"contact_attributes": list(attributes)}, ensure_ascii=False, separators=(",", ":"))
+        response = await self._post(settings.BULK_UPDATE_PATH, body.encode("utf-8"))
+        if response.is_success:
+            contacts = self._answer(response).get("contacts") or []
+            if not isinstance(contacts, list):
+                raise self._unreadable(response)
+            kept = [c for c in contacts if isinstance(c, dict)]
+            return BulkUpdateResponse(kept, RateInfo.from_headers(response.headers), response.status_code)
+        raise self._error(response, RateInfo.from_headers(response.headers))
+
+    async def _post(self, path: str, body: bytes) -> httpx.Response:
+        """POST ``body``; a request that got no answer becomes a ``TransportFailure`` saying whether it may have landed."""
         try:
-            response = await self._http.post(settings.BULK_CREATE_PATH, content=body)
+            return await self._http.post(path, content=body)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise TransportFailure(
                 "connection", self._scrub(f"could not connect: {exc!r}"), maybe_landed=False
@@ -124,18 +166,20 @@ class ApolloClient:
             ) from None
         except httpx.TransportError as exc:
             raise TransportFailure("connection", self._scrub(f"connection lost: {exc!r}"), maybe_landed=True) from None
-        rate = RateInfo.from_headers(response.headers)
-        if response.is_success:
-            try:
-                data = response.json()
-                created = list(data.get("created_contacts") or [])
-                existing = list(data.get("existing_contacts") or [])
-            except (ValueError, AttributeError, TypeError):
-                raise TransportFailure(
-                    "bad_answer", f"unreadable {response.status_code} answer body", maybe_landed=True
-                ) from None
-            return BulkCreateResponse(created, existing, rate, response.status_code)
-        raise self._error(response, rate)
+
+    def _answer(self, response: httpx.Response) -> dict[str, Any]:
+        """A 2xx answer's JSON object; a body that is not one is a ``TransportFailure`` (the request may have landed)."""
+        try:
+            data = response.json()
+        except ValueError:
+            raise self._unreadable(response) from None
+        if not isinstance(data, dict):
+            raise self._unreadable(response)
+        return data
+
+    @staticmethod
+    def _unreadable(response: httpx.Response) -> TransportFailure:
+        return TransportFailure("bad_answer", f"unreadable {response.status_code} answer body", maybe_landed=True)
 
     def _error(self, response: httpx.Response, rate: RateInfo) -> ApolloAPIError:
         status = response.status_code

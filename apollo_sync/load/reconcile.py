@@ -35,6 +35,8 @@ class Reconciled:
     outcomes: list[str]
     apollo_ids: list[str | None]
     unmatched_returned: int
+    contacts: list[Mapping[str, Any] | None] = ()  # type: ignore[assignment]
+    """Per sent row: the contact matched to it, as the answer returned it (None if unmatched)."""
 
 
 def email_key(value: Any) -> str | None:
@@ -59,6 +61,7 @@ def reconcile(
     """Match the returned contacts to ``sent`` rows (see the module docstring)."""
     outcomes = ["unconfirmed"] * len(sent)
     ids: list[str | None] = [None] * len(sent)
+    matched: list[Mapping[str, Any] | None] = [None] * len(sent)
     taken = [False] * len(sent)
 
     by_email: dict[str, deque[int]] = defaultdict(deque)
@@ -83,7 +86,7 @@ def reconcile(
         if i is None:
             left_over.append((outcome, contact))
             continue
-        outcomes[i], ids[i] = outcome, _id(contact)
+        outcomes[i], ids[i], matched[i] = outcome, _id(contact), contact
     unmatched = 0
     # The name index is built only when some contact did not match by email (rare: rows without an email).
     by_name: dict[tuple[str, str, str], deque[int]] = defaultdict(deque)
@@ -101,8 +104,8 @@ def reconcile(
         if i is None:
             unmatched += 1
             continue
-        outcomes[i], ids[i] = outcome, _id(contact)
-    return Reconciled(outcomes, ids, unmatched)
+        outcomes[i], ids[i], matched[i] = outcome, _id(contact), contact
+    return Reconciled(outcomes, ids, unmatched, matched)
 
 
 def _id(contact: Mapping[str, Any]) -> str | None:

@@ -47,6 +47,7 @@ from apollo_sync.load.client import ApolloClient, BulkCreateResponse
 from apollo_sync.load.pacing import Pacer, Ticket
 from apollo_sync.load.reconcile import reconcile
 from apollo_sync.load.retry import Action, Attempt, Decision, RetryPolicy, Tries
+from apollo_sync.load.upsert import upsert
 
 if TYPE_CHECKING:
     from apollo_sync.ledger import Ledger
@@ -65,9 +66,13 @@ class LoadConfig:
     run_dedupe: bool = True
     concurrency: int = settings.DEFAULT_CONCURRENCY
     chunk_size: int = settings.DEFAULT_CHUNK_SIZE
+    mode: str = "create"
+    """``create`` (Bulk Create only: a contact Apollo has is left as it is) or ``upsert`` (:mod:`.upsert`)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
+        if self.mode not in ("create", "upsert"):
+            raise InputError(f"mode must be create or upsert, got {self.mode!r}")
         if not 1 <= self.chunk_size <= settings.MAX_CONTACTS_PER_REQUEST:
             raise InputError(f"chunk size must be 1 to {settings.MAX_CONTACTS_PER_REQUEST}, got {self.chunk_size}")
         if self.concurrency < 1:
@@ -91,6 +96,9 @@ class LoadStats:
     dedupe_forced: int = 0
     created: int = 0
     existing: int = 0
+    updated: int = 0
+    update_requests: int = 0
+    """Bulk Update requests (attempts), counted in ``requests`` too."""
     failed: int = 0
     unconfirmed: int = 0
     unmatched_returned: int = 0
@@ -210,8 +218,8 @@ class LoadSession:
                 logger.warning("could not renew the run's claims in the ledger: %s", type(exc).__name__)
 
     async def _load_chunk(self, chunk: Chunk, call: LoadStats) -> tuple[pl.DataFrame, pl.DataFrame | None, int]:
-        """Claim, send; returns (outcomes of every row, sent rows' outcomes + identity/fingerprint to record or
-        None, requests made)."""
+        """Claim, send (create, or in upsert mode :func:`~apollo_sync.load.upsert.upsert`); returns (outcomes of every
+        row, what the ledger records of the sent rows or None, requests made)."""
         send = chunk.rows
         refused = None
         dedupe = self.config.run_dedupe or chunk.must_dedupe
@@ -222,12 +230,17 @@ class LoadSession:
                 held = pl.col("identity").is_in(list(claim.refused))
                 refused = claimed_elsewhere(chunk.rows.filter(held), claim.refused)
                 send = chunk.rows.filter(~held)
-                self._count(call, "claimed_elsewhere", refused.height)
+                self.count(call, "claimed_elsewhere", refused.height)
             dedupe = dedupe or bool(claim.seen)  # the ledger knew some of these rows: they may have landed
         rows = RequestRows.of(send)
         requests_before = call.requests
-        sent = outcomes_frame(rows, await self._send(rows, dedupe, call) if len(rows) else [])
-        to_record = pl.concat([sent, send.select("identity", "fingerprint")], how="horizontal") if sendable else None
+        ends: list[RowOutcome] = []
+        if len(rows) and self.config.mode == "upsert":
+            ends = await upsert(self, rows, dedupe, call)
+        elif len(rows):
+            ends = await self.create(rows, dedupe, call)
+        sent = outcomes_frame(rows, ends)
+        to_record = ledger_rows(sent, send, rows, ends) if sendable else None
         frame = sent if refused is None else pl.concat([sent, refused], how="vertical")
         return frame, to_record, call.requests - requests_before
 
@@ -237,38 +250,73 @@ class LoadSession:
         """Record the chunk's outcomes in the ledger (one transaction), count them, tell ``on_chunk_done``."""
         if to_record is not None and to_record.height and self.ledger is not None:
             self.ledger.record(self.config.target, to_record, self.config.run_id)
-        self._count(call, "chunks")
-        self._count(call, "rows", frame.height)
+        self.count(call, "chunks")
+        self.count(call, "rows", frame.height)
         for outcome, n in frame["outcome"].value_counts().iter_rows():
-            if outcome in ("created", "existing", "failed", "unconfirmed"):
-                self._count(call, outcome, n)
+            if outcome in ("created", "existing", "updated", "failed", "unconfirmed"):
+                self.count(call, outcome, n)
         if self.on_chunk_done is not None:
             done = self.on_chunk_done(ChunkResult(chunk.number, frame, requests))
             if inspect.isawaitable(done):
                 await done
 
-    async def _send(self, rows: RequestRows, dedupe: bool, call: LoadStats) -> list[RowOutcome]:
-        """Send ``rows`` in one request, then retry, split or give up as the policy decides; one outcome per row."""
+    async def create(self, rows: RequestRows, dedupe: bool, call: LoadStats) -> list[RowOutcome]:
+        """Create ``rows`` in one request, then retry, split or give up as the policy decides; one outcome per row."""
+
+        async def send(with_dedupe: bool) -> BulkCreateResponse:
+            if with_dedupe and not self.config.run_dedupe:
+                self.count(call, "dedupe_forced")
+            return await self.client.bulk_create(rows.payload, labels=self.config.labels, run_dedupe=with_dedupe)
+
+        async def split(forced: bool) -> list[RowOutcome]:
+            middle = len(rows) // 2
+            first = await self.create(rows.slice(0, middle), forced, call)
+            return first + await self.create(rows.slice(middle, len(rows)), forced, call)
+
+        def accept(answer: BulkCreateResponse, _ticket: Ticket, tries: Tries) -> list[RowOutcome]:
+            outcomes, unmatched = created_outcomes(rows, answer, tries)
+            if unmatched:
+                self.count(call, "unmatched_returned", unmatched)
+            return outcomes
+
+        return await self.request(
+            len(rows), send, accept, split, lambda outcome, reason: give_up(len(rows), outcome, reason), dedupe, call
+        )
+
+    async def request(
+        self,
+        size: int,
+        send: Callable[[bool], Awaitable[Any]],
+        accept: Callable[[Any, Ticket, Tries], list[RowOutcome]],
+        split: Callable[[bool], Awaitable[list[RowOutcome]]],
+        give: Callable[[str, str], list[RowOutcome]],
+        dedupe: bool,
+        call: LoadStats,
+    ) -> list[RowOutcome]:
+        """One request of ``size`` rows through the shared rate limit, the pacer and the retry policy.
+
+        ``send(with_dedupe)`` makes the HTTP call; ``accept(answer, ticket, tries)`` turns a 2xx answer into the
+        rows' outcomes; ``split(forced_dedupe)`` sends the two halves (a 400/413/422); ``give(outcome, reason)``
+        gives every row up. Creates and updates (``apollo_sync.load.upsert``) both go through here.
+        """
         tries = Tries()
         while True:
             if self.stopped is not None:
                 outcome = "unconfirmed" if tries.maybe_landed else "failed"
-                return give_up(rows, outcome, f"not sent: {self.stopped.message}")
+                return give(outcome, f"not sent: {self.stopped.message}")
             if self.before_request is not None:
                 await self.before_request()
             ticket = await self.pacer.acquire()
             if self.stopped is not None:
                 continue
             send_dedupe = dedupe or tries.maybe_landed
-            self._count(call, "requests")
+            self.count(call, "requests")
             if tries.total:
-                self._count(call, "retries")
-            if send_dedupe and not self.config.run_dedupe:
-                self._count(call, "dedupe_forced")
-            answer: BulkCreateResponse | None = None
+                self.count(call, "retries")
+            answer: Any = None
             error: ApolloAPIError | None = None
             try:
-                answer = await self.client.bulk_create(rows.payload, labels=self.config.labels, run_dedupe=send_dedupe)
+                answer = await send(send_dedupe)
                 self._answers += 1
                 attempt, reason = Attempt(answer.status, with_dedupe=send_dedupe), ""
             except ApolloAPIError as exc:
@@ -276,23 +324,22 @@ class LoadSession:
                 attempt, reason = self._answered_error(exc, ticket, send_dedupe, call)
             except TransportFailure as exc:
                 attempt, reason = self._no_answer(exc, send_dedupe, call)
-            decision = self.policy.decide(attempt, tries, rows=len(rows), answered=self._answers > 0)
+            decision = self.policy.decide(attempt, tries, rows=size, answered=self._answers > 0)
             tries = decision.tries
             if decision.action is Action.RETRY:
                 if attempt.status != 429:
-                    logger.debug("retrying %d rows after %s", len(rows), reason)
+                    logger.debug("retrying %d rows after %s", size, reason)
                 if decision.delay > 0:
                     await self.sleep(decision.delay)
                 continue
             if decision.action is Action.ACCEPT:
-                return self._accepted(rows, answer, ticket, tries, call)  # type: ignore[arg-type]
+                self.pacer.observe(answer.rate, ticket)
+                return accept(answer, ticket, tries)
             if decision.action is Action.BISECT:
-                self._count(call, "bisections")
-                logger.info("splitting %d rows in halves to isolate what the API refused: %s", len(rows), reason)
-                middle, forced = len(rows) // 2, dedupe or decision.dedupe
-                first = await self._send(rows.slice(0, middle), forced, call)
-                return first + await self._send(rows.slice(middle, len(rows)), forced, call)
-            return self._given_up(rows, decision, reason, error)
+                self.count(call, "bisections")
+                logger.info("splitting %d rows in halves to isolate what the API refused: %s", size, reason)
+                return await split(dedupe or decision.dedupe)
+            return self._given_up(size, give, decision, reason, error)
 
     def _answered_error(
         self, exc: ApolloAPIError, ticket: Ticket, dedupe: bool, call: LoadStats
@@ -300,37 +347,25 @@ class LoadSession:
         """Count an error answer and tell the pacer; the attempt as the policy sees it, and the reason."""
         self._answers += 1
         if isinstance(exc, RateLimited):
-            self._count(call, "http_429")
+            self.count(call, "http_429")
             self.pacer.on_429(exc.retry_after, exc.rate)
             return Attempt(429, exc.retry_after, with_dedupe=dedupe), f"429: {exc.message}"
         if exc.status in (401, 403):
             return Attempt(exc.status, with_dedupe=dedupe), f"{exc.status} {exc.message}"
         if exc.rate is not None:
             self.pacer.observe(exc.rate, ticket)
-        self._count(call, "http_5xx" if exc.status >= 500 else "http_4xx")
+        self.count(call, "http_5xx" if exc.status >= 500 else "http_4xx")
         retry_after = exc.rate.retry_after if exc.rate is not None else None
         return Attempt(exc.status, retry_after, with_dedupe=dedupe), f"{exc.status}: {exc.message}"
 
     def _no_answer(self, exc: TransportFailure, dedupe: bool, call: LoadStats) -> tuple[Attempt, str]:
         """Count an attempt that got no usable answer; the attempt as the policy sees it, and the reason."""
-        self._count(call, "timeouts" if exc.kind == "timeout" else "dropped")
+        self.count(call, "timeouts" if exc.kind == "timeout" else "dropped")
         return Attempt(None, maybe_landed=exc.maybe_landed, with_dedupe=dedupe), exc.message
 
-    def _accepted(
-        self, rows: RequestRows, answer: BulkCreateResponse, ticket: Ticket, tries: Tries, call: LoadStats
-    ) -> list[RowOutcome]:
-        """Match a 2xx answer to the rows sent."""
-        self.pacer.observe(answer.rate, ticket)
-        matched = reconcile(rows.sent, answer.created, answer.existing)
-        if matched.unmatched_returned:
-            self._count(call, "unmatched_returned", matched.unmatched_returned)
-        notes = {"unconfirmed": "sent, but not in the answer"}
-        if tries.maybe_landed:
-            notes["existing"] = "matched on a retry: an earlier attempt whose answer was lost may have created it"
-        return [RowOutcome(o, i, notes.get(o)) for o, i in zip(matched.outcomes, matched.apollo_ids)]
-
     def _given_up(
-        self, rows: RequestRows, decision: Decision, reason: str, error: ApolloAPIError | None
+        self, size: int, give: Callable[[str, str], list[RowOutcome]], decision: Decision, reason: str,
+        error: ApolloAPIError | None,
     ) -> list[RowOutcome]:
         """Give the rows up as the policy decided; stop the run when it says so."""
         if decision.action is Action.STOP_AUTH:
@@ -342,14 +377,38 @@ class LoadSession:
             self.stopped = Unreachable(reason)
         if decision.exhausted:
             reason = f"gave up after {decision.tries.total} attempts: {reason}"
-        return give_up(rows, decision.outcome or "failed", reason)
+        return give(decision.outcome or "failed", reason)
 
-    def _count(self, call: LoadStats, name: str, n: int = 1) -> None:
+    def count(self, call: LoadStats, name: str, n: int = 1) -> None:
         self.stats.add(name, n)
         call.add(name, n)
 
 
-def give_up(rows: RequestRows, outcome: str, reason: str) -> list[RowOutcome]:
-    """Every row ends as ``outcome`` (failed or unconfirmed) with ``reason``, which is logged."""
-    logger.warning("%d rows %s: %s", len(rows), outcome, reason)
-    return [RowOutcome(outcome, None, reason) for _ in range(len(rows))]
+def give_up(size: int, outcome: str, reason: str) -> list[RowOutcome]:
+    """``size`` rows end as ``outcome`` (failed or unconfirmed) with ``reason``, which is logged."""
+    logger.warning("%d rows %s: %s", size, outcome, reason)
+    return [RowOutcome(outcome, None, reason) for _ in range(size)]
+
+
+def created_outcomes(rows: RequestRows, answer: BulkCreateResponse, tries: Tries) -> tuple[list[RowOutcome], int]:
+    """A Bulk Create answer matched to the rows sent (an ``existing`` row carries the contact Apollo returned), and
+    how many returned contacts matched no row."""
+    matched = reconcile(rows.sent, answer.created, answer.existing)
+    notes = {"unconfirmed": "sent, but not in the answer"}
+    if tries.maybe_landed:
+        notes["existing"] = "matched on a retry: an earlier attempt whose answer was lost may have created it"
+    outcomes = [
+        RowOutcome(o, i, notes.get(o), contact=c if o == "existing" else None)
+        for o, i, c in zip(matched.outcomes, matched.apollo_ids, matched.contacts)
+    ]
+    return outcomes, matched.unmatched_returned
+
+
+def ledger_rows(sent: pl.DataFrame, chunk_rows: pl.DataFrame, rows: RequestRows, ends: Sequence[RowOutcome]) -> pl.DataFrame:
+    """What ``Ledger.record`` gets for the sent rows: their outcomes, identity and fingerprint, the status to store
+    and the field hashes of the values sent."""
+    extra = pl.DataFrame(
+        {"status": [end.status or end.outcome for end in ends], "field_hashes": rows.field_hashes},
+        schema={"status": pl.String, "field_hashes": pl.String},
+    )
+    return pl.concat([sent, chunk_rows.select("identity", "fingerprint"), extra], how="horizontal")
