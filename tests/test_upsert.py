@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -14,14 +15,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import polars as pl
 import pytest
 
+from apollo_sync.load import ApolloClient, LoadConfig, LoadSession, Pacer
 from apollo_sync.params import sync_params
 from apollo_sync.report import summary_problems
 from apollo_sync.sandbox import SandboxConfig, SandboxProcess
 from apollo_sync.settings import ENV_API_KEY
-from apollo_sync.sync import run_sync
+from apollo_sync.sync import RunAborted, run_sync
 
 FIELDS = ["email", "first name", "last name", "company", "title", "website", "phone"]
 
@@ -239,8 +242,9 @@ def test_updates_through_the_fault_mix_land_once_and_a_rerun_finishes_what_was_u
 
 CHILD = """
 import asyncio
+from apollo_sync.load import ApolloClient, LoadConfig, LoadSession, Pacer
 from apollo_sync.params import sync_params
-from apollo_sync.sync import run_sync
+from apollo_sync.sync import RunAborted, run_sync
 asyncio.run(run_sync(sync_params(source={source!r}, base_url={url!r}, state_dir={state!r}, mode="upsert",
                                  labels=["Q4"], chunk_size=20, concurrency=2)))
 """
@@ -276,3 +280,70 @@ def test_kill_9_in_the_middle_of_updates_then_a_rerun_leaves_apollo_equal_to_the
         assert summary["failed"] == summary["unconfirmed"] == 0
         again = sync(server, source, tmp_path, mode="upsert", labels=["Q4"])
         assert again["requests"] == 0 and again["unchanged"] == 600
+
+
+def test_a_refused_update_is_isolated_by_bisection_and_the_rest_land():
+    """A 422 for one contact of an update (a shape the sandbox does not give for valid fields): halves are sent
+    until that contact is alone; it fails with Apollo's message, the other 15 are updated."""
+    sizes = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        entries = json.loads(request.content)["contact_attributes"]
+        sizes.append(len(entries))
+        if any(e["id"] == "id-7" for e in entries):
+            return httpx.Response(422, json={"error": {"message": "title is too long"}})
+        return httpx.Response(200, json={"contacts": [{**e, "label_names": []} for e in entries]})
+
+    n = 16
+    to_send = pl.DataFrame({
+        "source_row": list(range(1, n + 1)), "identity": [f"email:p{i}" for i in range(n)],
+        "fingerprint": [str(i) for i in range(n)], "email": [f"p{i}@example.com" for i in range(n)],
+        "title": [f"T{i}" for i in range(n)], "update_id": [f"id-{i}" for i in range(n)],
+        "base_hashes": ["email=x"] * n, "field_hashes": [f"email=x;title={i}" for i in range(n)],
+    })  # fmt: skip
+
+    async def load():
+        async with ApolloClient("https://gw.test/apis/v1/apollo", "k", transport=httpx.MockTransport(handler)) as client:
+            session = LoadSession(client, Pacer(), None, LoadConfig(target="t", mode="upsert", chunk_size=n))
+            return await session.load(session.make_chunks(to_send))
+
+    result = asyncio.run(load())
+
+    ends = {row["source_row"]: row for row in result.outcomes.iter_rows(named=True)}
+    assert ends[8]["outcome"] == "failed" and "title is too long" in ends[8]["reason"]
+    assert all(ends[r]["outcome"] == "updated" and ends[r]["reason"] == "updated: title" for r in ends if r != 8)
+    assert sizes[0] == n and sizes.count(1) >= 1 and len(sizes) <= 1 + 2 * 4  # log2(16) levels of halves
+
+
+def test_a_wrong_key_stops_the_updates_and_reports_every_row(sandbox, tmp_path, monkeypatch):
+    records = rows(30)
+    source = write_source(tmp_path / "contacts.csv", records)
+    sync(sandbox, source, tmp_path, mode="upsert")
+    for record in records:
+        record["title"] += " (new)"
+    write_source(source, records)
+    monkeypatch.setenv(ENV_API_KEY, "not-the-key")
+    before = endpoint_counts(sandbox)
+
+    params = sync_params(source=str(source), base_url=sandbox.gateway_base_url, state_dir=str(tmp_path / "state"),
+                         report_dir=str(tmp_path / "report"), mode="upsert", chunk_size=10, concurrency=1)  # fmt: skip
+    with pytest.raises(RunAborted, match="401"):
+        asyncio.run(run_sync(params))
+
+    assert endpoint_counts(sandbox) - before == Counter({"bulk_update": 1})  # stopped at the first answer
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["failed"] == 30 and summary_problems(summary) == []
+    assert not any(c["title"].endswith("(new)") for c in sandbox.contacts())  # nothing changed
+    monkeypatch.setenv(ENV_API_KEY, sandbox.config.api_key)
+    assert sync(sandbox, source, tmp_path, mode="upsert")["updated"] == 30  # the next run makes them land
+
+
+@pytest.mark.parametrize("way_in", ["gateway_base_url", "apollo_base_url"])
+def test_both_ways_in_update(sandbox, tmp_path, way_in):
+    records = rows(12)
+    seed_old_copies(sandbox, records)
+    source = write_source(tmp_path / "contacts.csv", records)
+    params = sync_params(source=str(source), base_url=getattr(sandbox, way_in), state_dir=str(tmp_path / "state"),
+                         mode="upsert")  # fmt: skip
+    summary = asyncio.run(run_sync(params))
+    assert summary["updated"] == 12 and all(c["title"] != "Old title" for c in sandbox.contacts())
