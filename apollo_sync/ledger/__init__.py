@@ -1,7 +1,9 @@
 """The sync ledger: what has been sent where, so re-runs send only what is new, changed or unconfirmed.
 
 One row per (target, identity): the content fingerprint last sent, the Apollo id, a status (``pending`` before a
-request, then ``created``/``existing``/``failed``), the run and the time. ``target`` is a stable hash of the
+request, then ``created``/``existing``/``updated``/``failed``), the run and the time, and for a contact that holds
+the source's values (``created`` by us, or ``updated``) a hash of each field, which an upsert diffs against
+(``Ledger.plan(mode="upsert")``). ``target`` is a stable hash of the
 normalised base URL (:func:`target_for`; the key is not part of it). Rows are marked ``pending`` in one transaction
 before their request and recorded in one transaction after it, so a run killed at any moment leaves every row it
 may have sent as ``pending``; the next run sends those with ``run_dedupe`` true (``must_dedupe``) and no second

@@ -6,6 +6,8 @@
 - :mod:`.retry`: :class:`RetryPolicy`, what to do after each attempt (pure: it decides, never sleeps).
 - :mod:`.session`: :class:`LoadSession`, chunks with bounded concurrency, the ledger, the policy's decisions applied.
 - :mod:`.chunks`: :class:`Chunk` and the outcomes frame (``OUTCOMES_SCHEMA``); :mod:`.reconcile`: answers to rows.
+- :mod:`.upsert`: one chunk in ``upsert`` mode (update by id, create, make equal); :mod:`.update`: what an update
+  sends (pure: diffs against the ledger's field hashes or Apollo's copy, label and custom-field merges).
 
 Errors (``RateLimited``, ``TransportFailure``, ``AuthError``, ``Unreachable``, ...) live in :mod:`apollo_sync.errors`.
 """
@@ -13,7 +15,7 @@ Errors (``RateLimited``, ``TransportFailure``, ``AuthError``, ``Unreachable``, .
 from __future__ import annotations
 
 from apollo_sync.load.chunks import OUTCOMES_SCHEMA, Chunk
-from apollo_sync.load.client import ApolloClient, BulkCreateResponse, auth_for
+from apollo_sync.load.client import ApolloClient, BulkCreateResponse, BulkUpdateResponse, auth_for
 from apollo_sync.load.pacing import Pacer
 from apollo_sync.load.rates import RateInfo, WindowInfo, parse_retry_after
 from apollo_sync.load.retry import RetryPolicy
@@ -23,6 +25,7 @@ __all__ = [
     "OUTCOMES_SCHEMA",
     "ApolloClient",
     "BulkCreateResponse",
+    "BulkUpdateResponse",
     "Chunk",
     "ChunkResult",
     "GroupResult",
