@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import math
 import sys
 import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import polars as pl

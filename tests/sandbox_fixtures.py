@@ -13,9 +13,35 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from apollo_sync.sandbox import SandboxConfig, SandboxServer
+
+KEY = "sandbox-key"
+"""The sandbox's default key."""
+
+
+def gateway(sb, key: str | None = KEY, **kw) -> httpx.Client:
+    """A client on the AISA gateway way in of ``sb`` (Bearer auth; no header when ``key`` is None)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=sb.gateway_base_url, headers=headers, **kw)
+
+
+def apollo(sb, key: str | None = KEY, **kw) -> httpx.Client:
+    """A client on the Apollo direct way in of ``sb`` (X-Api-Key auth)."""
+    headers = {"X-Api-Key": key} if key else {}
+    return httpx.Client(base_url=sb.apollo_base_url, headers=headers, **kw)
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:
+    """Poll until predicate() is true (a wait, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
 
 
 class FakeClock:

@@ -19,7 +19,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import polars as pl
 from loader_helpers import SteppingClock, make_contacts, plan_and_load, stored_emails
 
 from apollo_sync.sandbox import SandboxConfig, SandboxProcess

@@ -16,36 +16,15 @@ import pytest
 from apollo_sync.errors import InputError
 from apollo_sync.sandbox import SandboxConfig, SandboxProcess, SandboxServer, config_to_argv, serve_forever
 from apollo_sync.sandbox.process import build_parser, config_from_args
-from sandbox_fixtures import FakeClock
+from sandbox_fixtures import KEY, FakeClock, apollo, gateway, wait_for
 
-KEY = "sandbox-key"
 BULK = "/contacts/bulk_create"
 RESPONSE_FIELDS = {"id", "phone_numbers", "label_names", "typed_custom_fields", "created_at", "updated_at"}
 """In every contact answered; besides, each field the contact holds (a diff against Apollo's copy needs them all)."""
 
 
-def gateway(sb, key: str | None = KEY, **kw) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=sb.gateway_base_url, headers=headers, **kw)
-
-
-def apollo(sb, key: str | None = KEY, **kw) -> httpx.Client:
-    headers = {"X-Api-Key": key} if key else {}
-    return httpx.Client(base_url=sb.apollo_base_url, headers=headers, **kw)
-
-
 def post(client: httpx.Client, contacts, **body) -> httpx.Response:
     return client.post(BULK, json={"contacts": contacts, **body})
-
-
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    """Poll until predicate() is true (a wait, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 # --- both ways in ------------------------------------------------------------------------------

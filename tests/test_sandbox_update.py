@@ -8,7 +8,6 @@ Fixtures ``sandbox`` and ``sandbox_factory`` come from tests/sandbox_fixtures.py
 
 from __future__ import annotations
 
-import time
 
 import httpx
 import pytest
@@ -16,9 +15,8 @@ import pytest
 from apollo_sync import settings
 from apollo_sync.errors import InputError
 from apollo_sync.sandbox import SandboxConfig, SandboxProcess
-from sandbox_fixtures import FakeClock
+from sandbox_fixtures import KEY, FakeClock, apollo, gateway, wait_for
 
-KEY = "sandbox-key"
 CREATE = "/contacts/bulk_create"
 UPDATE = "/contacts/bulk_update"
 PUBLIC_BASE = {"id", "phone_numbers", "label_names", "typed_custom_fields", "created_at", "updated_at"}
@@ -28,16 +26,6 @@ WAYS_IN = {
     "apollo-x-api-key": lambda sb: httpx.Client(base_url=sb.apollo_base_url, headers={"X-Api-Key": KEY}),
     "apollo-bearer": lambda sb: httpx.Client(base_url=sb.apollo_base_url, headers={"Authorization": f"Bearer {KEY}"}),
 }
-
-
-def gateway(sb, key: str | None = KEY, **kw) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=sb.gateway_base_url, headers=headers, **kw)
-
-
-def apollo(sb, key: str | None = KEY, **kw) -> httpx.Client:
-    headers = {"X-Api-Key": key} if key else {}
-    return httpx.Client(base_url=sb.apollo_base_url, headers=headers, **kw)
 
 
 def update(client: httpx.Client, attributes=None, **body) -> httpx.Response:
@@ -53,16 +41,6 @@ def stored(sb, contact_id: str) -> dict:
 
 def seed_many(sb, n: int) -> list[dict]:
     return sb.seed([{"email": f"u{i:04d}@example.com", "title": "Old"} for i in range(n)])
-
-
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    """Poll until predicate() is true (a wait, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 # --- both ways in, answer shapes -----------------------------------------------------------------
