@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import os
 import sys
 import tempfile
@@ -29,8 +30,9 @@ from rich.console import Console
 from rich.table import Table
 
 from apollo_sync import settings
-from apollo_sync.errors import ApolloSyncError, InputError
+from apollo_sync.errors import ApolloSyncError, ConfigError, InputError
 from apollo_sync.params import FIELD_GROUPS, RUN_GROUPS, SyncParams, flow_parameters, sync_params
+from apollo_sync.redact import api_key_from
 from apollo_sync.sync import preflight
 
 app = typer.Typer(
@@ -207,17 +209,40 @@ def check_api_key(block_name: str | None) -> None:
 
     Inside the flow the same error would be logged by Prefect with a traceback.
     """
-    if os.environ.get(settings.ENV_API_KEY):
+    if key := os.environ.get(settings.ENV_API_KEY):
+        try:
+            os.environ[settings.ENV_API_KEY] = api_key_from(key)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return
     from tasks.credentials import resolve_api_key
 
     asyncio.run(resolve_api_key(block_name))
 
 
+class _NoTracebackForExpected(logging.Filter):
+    """Drops the traceback from a console log record whose exception apollo-sync raised on purpose (a stopped run,
+    bad input): the line stays, and the Prefect API log handler still gets the whole record for the UI."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ApolloSyncError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_expected_tracebacks() -> None:
+    """Install :class:`_NoTracebackForExpected` on the console handlers Prefect configured (the root logger's;
+    ``import prefect`` sets them up)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _NoTracebackForExpected) for f in handler.filters):
+            handler.addFilter(_NoTracebackForExpected())
+
+
 def run_flow(params: SyncParams) -> dict:
     """Run the flow in this process (on PREFECT_API_URL's server when set, else an ephemeral one)."""
     from flows.sync_contacts import sync_contacts
 
+    quiet_expected_tracebacks()
     return asyncio.run(sync_contacts(**flow_parameters(params)))
 
 

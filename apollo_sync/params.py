@@ -25,10 +25,12 @@ from __future__ import annotations
 import typing
 from enum import Enum
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from apollo_sync import settings
+from apollo_sync.redact import NO_SECRET_PATTERN, redact_url, secret_in_url
 
 
 def _plain_optionals(schema: dict[str, Any]) -> None:
@@ -46,6 +48,18 @@ def _plain_optionals(schema: dict[str, Any]) -> None:
             prop.update(kept[0])
 
 
+NO_SECRET = {"pattern": NO_SECRET_PATTERN}
+"""``json_schema_extra`` of a URL setting: the run form and the Prefect server refuse a URL with a secret in it."""
+
+
+def _refuse_secret(value: str | None, where_it_belongs: str) -> str | None:
+    """``value`` unless it is a URL with a password or a signed query: Prefect stores every run setting (flow-run
+    parameters, run names, events), so a secret must come from elsewhere at run time."""
+    if value is not None and (found := secret_in_url(value)):
+        raise ValueError(f"holds {found}; Prefect stores run settings, so {where_it_belongs}")
+    return value
+
+
 def _unhydrated(value: Any) -> bool:
     return isinstance(value, dict) and "__prefect_kind" in value
 
@@ -53,7 +67,9 @@ def _unhydrated(value: Any) -> bool:
 class Group(BaseModel):
     """Base of every settings group: frozen, unknown keys refused, "" read as "not set" for optional text."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_plain_optionals)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", json_schema_extra=_plain_optionals, hide_input_in_errors=True
+    )  # a refused value may be a URL with a password: errors name the field, never echo the value
 
     @model_validator(mode="before")
     @classmethod
@@ -119,7 +135,8 @@ class SourceParams(Group):
         min_length=1,
         title="Path or URL",
         description="A file or glob (csv, tsv, parquet, json, ndjson, xlsx), sqlite:///file.db or postgresql://… "
-        "with a query, or an s3:// or https:// URL.",
+        "with a query, or an s3:// or https:// URL. No password or signed URL: Prefect stores run settings.",
+        json_schema_extra=NO_SECRET,
     )
     format: Format = Field(Format.auto, title="File format", description="The file format, when the extension does not say it.")
     delimiter: str | None = Field(
@@ -137,6 +154,17 @@ class SourceParams(Group):
     @classmethod
     def _from_path(cls, data: Any) -> Any:
         return {"path": data} if isinstance(data, str) else data
+
+    @field_validator("path")
+    @classmethod
+    def _no_secret_in_path(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+        if scheme.startswith("postgres"):
+            belongs = "give the URL without it and put the password in PGPASSWORD or ~/.pgpass"
+        else:
+            belongs = ("use s3://bucket/key with AWS credentials in the environment (AWS_ACCESS_KEY_ID, "
+                       "AWS_SECRET_ACCESS_KEY), or a local copy of the file")  # fmt: skip
+        return _refuse_secret(value, belongs)  # type: ignore[return-value]
 
 
 class CleaningParams(Group):
@@ -172,6 +200,7 @@ class ApolloParams(Group):
         settings.GATEWAY_BASE_URL,
         title="Base URL",
         description=f"The AISA gateway (default) or Apollo direct ({settings.APOLLO_BASE_URL}).",
+        json_schema_extra=NO_SECRET,
     )
     auth: Auth = Field(Auth.auto, title="Auth header", description="auto follows the host.")
     api_key_block: str | None = Field(
@@ -194,8 +223,19 @@ class ApolloParams(Group):
     def _http_url(cls, value: str) -> str:
         value = value.strip()
         if not value.startswith(("http://", "https://")):
-            raise ValueError(f"must start with http:// or https://, got {value!r}")
-        return value
+            raise ValueError(f"must start with http:// or https://, got {redact_url(value)!r}")
+        if not urlsplit(value).hostname:
+            raise ValueError(f"has no host: {redact_url(value)!r}; give e.g. {settings.GATEWAY_BASE_URL}")
+        belongs = f"give it without credentials: the key comes from a Secret block or {settings.ENV_API_KEY}"
+        return _refuse_secret(value, belongs)  # type: ignore[return-value]
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_named(cls, value: list[str]) -> list[str]:
+        labels = [label.strip() for label in value]
+        if any(not label for label in labels):
+            raise ValueError("an empty label: give each --label a name")
+        return list(dict.fromkeys(labels))
 
 
 class LoadParams(Group):
@@ -261,10 +301,21 @@ class RunParams(Group):
         title="Shared ledger (postgresql:// URL)",
         description="A ledger shared by several workers instead of the one in the state directory (password in "
         "PGPASSWORD or ~/.pgpass, not here).",
+        json_schema_extra=NO_SECRET,
     )
     report_dir: str | None = Field(
         None, title="Report directory", description="Where summary.json and the results go (default: under the state directory)."
     )
+
+    @field_validator("state_url")
+    @classmethod
+    def _shared_ledger_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        if urlsplit(value).scheme.lower() not in ("postgresql", "postgres"):
+            raise ValueError(f"must be a postgresql:// URL, got {redact_url(value)!r}")
+        return _refuse_secret(value, "give the URL without it and put the password in PGPASSWORD or ~/.pgpass")
 
 
 class PartitionParams(Group):
@@ -300,7 +351,7 @@ class PartitionParams(Group):
 class SyncParams(BaseModel):
     """Every setting of one ``sync-contacts`` run: the five groups."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     source: SourceParams
     cleaning: CleaningParams = CleaningParams()

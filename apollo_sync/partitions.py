@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import polars as pl
 
 from apollo_sync.errors import InputError
+from apollo_sync.files import private_dir, private_file, touch_private
 from apollo_sync.redact import redact_url
 from apollo_sync.report import SUMMARY_FILE
 from apollo_sync.settings import SOURCE_ROW
@@ -194,7 +195,7 @@ def split_file(spec: str, n: int, split_dir: str | Path, options: SourceOptions 
     src = read_source(spec, options)
     out = Path(split_dir)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        private_dir(out)
     except OSError as exc:
         raise InputError(f"cannot create split_dir {out}: {exc.strerror or exc}") from None
     total = src.frame.select(pl.len()).collect().item()
@@ -206,6 +207,7 @@ def split_file(spec: str, n: int, split_dir: str | Path, options: SourceOptions 
         path = out / f"{stem}.rows-{start + 1}-{stop}.parquet"
         rows = src.frame.filter(pl.col(SOURCE_ROW).is_between(start + 1, stop)).drop(SOURCE_ROW)
         rows.sink_parquet(path)
+        private_file(path)
         parts.append(Partition(i, str(path), f"rows {start + 1}-{stop} of {Path(spec).name}", kind="part"))
     return parts
 
@@ -259,8 +261,7 @@ def merge_summaries(
 
 def write_summary(report_dir: str | Path, summary: Mapping[str, object]) -> Path:
     """Write ``summary.json`` under ``report_dir`` atomically; returns its path."""
-    out = Path(report_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = private_dir(report_dir)
     tmp = out / (SUMMARY_FILE + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    touch_private(tmp).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     return tmp.replace(out / SUMMARY_FILE)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import polars as pl
 
+from apollo_sync.files import private_dir, private_file, touch_private
 from apollo_sync.settings import SOURCE_ROW
 
 RESULTS_SCHEMA = {
@@ -143,8 +144,7 @@ def write_report(report_dir: str | Path, summary: Mapping[str, object], results:
     Lazy ``results``/``rejected`` are streamed to the files (results.parquet written first, then read back
     for the CSV), so a 10M-row report never sits in memory twice.
     """
-    out = Path(report_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = private_dir(report_dir)
     if isinstance(results, pl.LazyFrame):
         results.sink_parquet(out / RESULTS_PARQUET, engine="streaming")
         escape_for_spreadsheet(pl.scan_parquet(out / RESULTS_PARQUET)).sink_csv(out / RESULTS_CSV, engine="streaming")
@@ -156,7 +156,9 @@ def write_report(report_dir: str | Path, summary: Mapping[str, object], results:
         rejected_text.sink_csv(out / REJECTED_CSV, engine="streaming")
     else:
         rejected_text.write_csv(out / REJECTED_CSV)
-    tmp = out / (SUMMARY_FILE + ".tmp")
+    for name in (RESULTS_PARQUET, RESULTS_CSV, REJECTED_CSV):
+        private_file(out / name)
+    tmp = touch_private(out / (SUMMARY_FILE + ".tmp"))
     tmp.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     tmp.replace(out / SUMMARY_FILE)  # summary last and atomically: its presence means the report is whole
     return out

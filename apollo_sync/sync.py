@@ -31,11 +31,12 @@ from apollo_sync import settings
 from apollo_sync.clean import Prepared, load_mapping, prepare
 from apollo_sync.clean.payload import contact_field_hashes, payload_fields
 from apollo_sync.errors import ApolloSyncError, ConfigError, InputError, RunStopped
+from apollo_sync.files import check_writable_dir, private_dir, private_tree
 from apollo_sync.ledger import Ledger, open_ledger, target_for
 from apollo_sync.load import ApolloClient, Chunk, ChunkResult, GroupResult, LoadConfig, LoadSession, Pacer
 from apollo_sync.load.update import would_change
 from apollo_sync.params import Format, SourceParams, SyncParams
-from apollo_sync.redact import redact_url, register_secret
+from apollo_sync.redact import api_key_from, redact_url
 from apollo_sync.report import RESULTS_SCHEMA, Frame, build_summary, results_frame, summary_problems, write_report
 from apollo_sync.sources import Source, SourceOptions, read_source
 
@@ -86,11 +87,23 @@ class Plan:
 
 
 def open_run(params: SyncParams, run_id: str | None = None) -> SyncRun:
-    """Open the ledger and fix the report folder (``<state_dir>/runs/<time>`` unless ``run.report_dir``)."""
+    """Check the folders, open the ledger and fix the report folder (``<state_dir>/runs/<time>-<run id>`` unless
+    ``run.report_dir``): all before anything is read or sent."""
     run = params.run
-    report_dir = Path(run.report_dir) if run.report_dir else Path(run.state_dir) / "runs" / time.strftime("%Y%m%dT%H%M%S")
+    run_id = run_id or str(uuid.uuid4())
+    check_folders(params)
+    default = Path(run.state_dir) / "runs" / f"{time.strftime('%Y%m%dT%H%M%S')}-{run_id[:8]}"  # one per run
+    report_dir = Path(run.report_dir) if run.report_dir else default
     ledger = open_ledger(run.state_dir, run.state_url)
-    return SyncRun(params, run_id or str(uuid.uuid4()), target_for(params.apollo.base_url), report_dir, ledger)
+    return SyncRun(params, run_id, target_for(params.apollo.base_url), report_dir, ledger)
+
+
+def check_folders(params: SyncParams) -> None:
+    """The state and report folders can be written (InputError otherwise): a report that cannot be written
+    after the contacts were sent would leave their outcomes unknown."""
+    check_writable_dir(params.run.state_dir, "--state-dir")
+    if params.run.report_dir:
+        check_writable_dir(params.run.report_dir, "--report-dir")
 
 
 def source_options(source: SourceParams, cursor_after: str | None = None) -> SourceOptions:
@@ -110,6 +123,7 @@ def preflight(params: SyncParams) -> None:
 
     The CLI calls it before Prefect starts, so a mistake costs one line and a second, not a traceback and ten.
     """
+    check_folders(params)
     mapping = params.cleaning.mapping
     if mapping and not Path(mapping).is_file():
         raise InputError(f"mapping file not found: {mapping}; pass an existing TOML file to --mapping")
@@ -295,10 +309,12 @@ async def key_from_environment(block_name: str | None) -> str:
     import os
 
     key = os.environ.get(settings.ENV_API_KEY)
-    if not key:
+    if not key or not key.strip():
         raise ConfigError(f"no Apollo API key: set the {settings.ENV_API_KEY} environment variable (or pass --api-key)")
-    register_secret(key)
-    return key
+    try:
+        return api_key_from(key)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 async def open_sender(run: SyncRun, plan: Plan, steps: Steps) -> tuple[ApolloClient, Sender]:
@@ -359,7 +375,11 @@ async def run_sync(params: SyncParams, *, steps: Steps = PLAIN_STEPS, run_id: st
             parts = steps.prepared_dir(run)
         else:
             parts = cleaned_parts = str(Path(params.run.state_dir) / "prepared" / f"run-{run.run_id}.tmp")
+        if parts:
+            private_dir(Path(parts).parent)  # the cleaned rows are in there
         prepared = steps.clean(source, params.cleaning.mapping, params.cleaning.phone_region, parts)
+        if cleaned_parts and Path(cleaned_parts).exists():
+            private_tree(cleaned_parts)
         _log_prepared(prepared, source)
         plan = steps.plan(run.ledger, run.target, prepared, full_refresh=params.run.full_refresh,
                           dry_run=params.run.dry_run, mode=params.run.mode.value,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from apollo_sync.errors import ConfigError
-from apollo_sync.redact import register_secret
+from apollo_sync.redact import api_key_from
 from apollo_sync.settings import ENV_API_KEY
 
 
@@ -26,8 +26,10 @@ async def resolve_api_key(block_name: str | None) -> str:
         except ValueError:  # no such block: fall through to the environment
             key = None
     key = key or os.environ.get(ENV_API_KEY)
-    if not key:
+    if not key or not key.strip():
         where = f"Secret block '{block_name}' or " if block_name else ""
         raise ConfigError(f"no Apollo API key: set {where}the {ENV_API_KEY} environment variable (or pass --api-key)")
-    register_secret(key)
-    return key
+    try:
+        return api_key_from(key)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

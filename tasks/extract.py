@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from apollo_sync import clean
+from apollo_sync.files import locked, private_dir, private_tree, touch_private
 from apollo_sync.sources import Source, SourceOptions, read_source
 
 _CLEAN_MODULES = [
@@ -63,12 +64,12 @@ def _clean_cache_key(ctx: TaskRunContext, params: dict) -> str:
     # The key names one generation of the parts: while they are whole it is the token written with them; when
     # they are gone a new token is promised to the run that writes them again, so a cached result never points
     # at missing files.
-    if (parts_dir / clean.DONE_MARKER).is_file() and (parts_dir / _TOKEN).is_file():
+    if _whole(parts_dir):
         token = (parts_dir / _TOKEN).read_text(encoding="utf-8")
     else:
         token = uuid.uuid4().hex
-        parts_dir.parent.mkdir(parents=True, exist_ok=True)
-        (parts_dir.parent / f"{digest}.{_TOKEN}").write_text(token, encoding="utf-8")
+        private_dir(parts_dir.parent)
+        touch_private(parts_dir.parent / f"{digest}.{_TOKEN}").write_text(token, encoding="utf-8")
     return f"{ctx.task.name}-{hashlib.sha256(f'{digest}|{parts_dir}|{token}'.encode()).hexdigest()}"
 
 
@@ -91,15 +92,26 @@ def clean_contacts(
     mapping = clean.load_mapping(mapping_path) if mapping_path else None
     if not prepared_dir:
         return clean.prepare(source.frame, mapping=mapping, phone_region=phone_region)
-    root = Path(prepared_dir).resolve()
+    root = private_dir(Path(prepared_dir).resolve())
     final = root / _clean_digest(source, mapping_path, phone_region)
     clean.prune_prepared(root, CLEAN_CACHE_EXPIRATION.total_seconds(), keep=final)
     work = root / f"{final.name}.{uuid.uuid4().hex[:8]}.tmp"  # concurrent runs never write the same files
     prepared = clean.prepare(source.frame, mapping=mapping, phone_region=phone_region, out_dir=work)
-    promised = root / f"{final.name}.{_TOKEN}"
-    token = promised.read_text(encoding="utf-8") if promised.is_file() else uuid.uuid4().hex
-    (work / _TOKEN).write_text(token, encoding="utf-8")
-    shutil.rmtree(final, ignore_errors=True)
-    work.rename(final)
-    promised.unlink(missing_ok=True)
+    private_tree(work)
+    with locked(root / f"{final.name}.lock"):  # one run at a time puts a generation in place
+        if _whole(final):
+            # Another run wrote the same digest (same rows, same rules) meanwhile and may be reading it: keep it.
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            promised = root / f"{final.name}.{_TOKEN}"
+            token = promised.read_text(encoding="utf-8") if promised.is_file() else uuid.uuid4().hex
+            touch_private(work / _TOKEN).write_text(token, encoding="utf-8")
+            shutil.rmtree(final, ignore_errors=True)  # a partial generation only
+            work.rename(final)
+            promised.unlink(missing_ok=True)
     return clean.reopen_parts(prepared, final)
+
+
+def _whole(parts_dir: Path) -> bool:
+    """A generation of parts that a run finished writing (its done marker and token are there)."""
+    return (parts_dir / clean.DONE_MARKER).is_file() and (parts_dir / _TOKEN).is_file()

@@ -55,3 +55,23 @@ def test_prune_removes_old_parts_only(tmp_path: Path) -> None:
     os.utime(old / DONE_MARKER, (stamp, stamp))
     prune_prepared(tmp_path, 86400)
     assert not old.exists() and new.exists()
+
+
+def test_a_second_run_of_the_same_digest_leaves_the_whole_parts_another_run_may_be_reading(tmp_path: Path) -> None:
+    """Two runs sharing a state dir clean the same source at once: the second finds the first's parts whole and
+    keeps them (same digest, same rows) instead of replacing the files under a reader. Both are private."""
+    csv = tmp_path / "c.csv"
+    csv.write_text("Email,Title\na@x.com,CEO\nb@x.com,CTO\n", encoding="utf-8")
+    root = tmp_path / "prepared"
+    src = read_source(str(csv), SourceOptions())
+    first = clean_contacts.fn(src, None, "US", str(root))  # the task's body, no cache: as two runs would
+    [generation] = [d for d in root.iterdir() if d.is_dir()]
+    inodes = {p.name: p.stat().st_ino for p in generation.iterdir()}
+
+    second = clean_contacts.fn(src, None, "US", str(root))
+
+    assert {p.name: p.stat().st_ino for p in generation.iterdir()} == inodes  # not rewritten
+    assert first.contacts.collect().height == second.contacts.collect().height == 2
+    assert not list(root.glob("*.tmp"))
+    assert os.stat(root).st_mode & 0o777 == 0o700
+    assert {p.stat().st_mode & 0o777 for p in generation.rglob("*") if p.is_file()} == {0o600}

@@ -1,32 +1,14 @@
 """The command line as people use it: bad input is one line and exit 2 with nothing sent; a real run exits 0."""
 
-import os
-import subprocess
-import sys
-
 import pytest
+from cli_helpers import assert_one_clear_line, cli
 
 from apollo_sync.settings import ENV_API_KEY
-
-
-def cli(*args, env_extra=None, timeout=180):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APOLLO_")}
-    env.update(env_extra or {})
-    return subprocess.run(
-        [sys.executable, "-m", "apollo_sync.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
-    )
 
 
 def write(path, data: bytes):
     path.write_bytes(data)
     return path
-
-
-def assert_one_clear_line(result):
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
 
 
 @pytest.mark.parametrize(

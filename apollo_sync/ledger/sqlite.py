@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from apollo_sync.errors import InputError
+from apollo_sync.files import private_dir, touch_private
 from apollo_sync.ledger.base import HOST, LEDGER_SCHEMA, Claim, Ledger, now, pid_alive, recorded_rows
 
 LEDGER_FILE = "ledger.sqlite3"
@@ -94,7 +95,8 @@ class SQLiteLedger(Ledger):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(self.path.parent)
+            touch_private(self.path)  # SQLite gives its -wal and -shm files the database file's mode
             self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across a killed process
