@@ -33,7 +33,6 @@ from apollo_sync import settings
 from apollo_sync.errors import ApolloSyncError, ConfigError, InputError
 from apollo_sync.params import FIELD_GROUPS, RUN_GROUPS, SyncParams, flow_parameters, sync_params
 from apollo_sync.redact import api_key_from
-from apollo_sync.sync import preflight
 
 app = typer.Typer(
     name="apollo-sync",
@@ -43,6 +42,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console()
+err = Console(stderr=True)
 
 SAMPLE_CSV = Path(__file__).parent / "data" / "sample_contacts.csv"
 
@@ -109,7 +109,15 @@ def run_flags() -> list[inspect.Parameter]:
                            help=f"API key for this run only, never stored (prefer the {settings.ENV_API_KEY} "
                            "environment variable or a Secret block).")  # fmt: skip
     flags.append(inspect.Parameter("api_key", inspect.Parameter.KEYWORD_ONLY, default=api_key, annotation=Optional[str]))
+    flags.append(inspect.Parameter("ephemeral", inspect.Parameter.KEYWORD_ONLY, default=EPHEMERAL, annotation=bool))
     return flags
+
+
+EPHEMERAL_HELP = (
+    "Run on a temporary Prefect server started for this run only (about 10 s more), instead of the local server "
+    "apollo-sync starts once and reuses (see 'apollo-sync server'). PREFECT_API_URL, when set, always wins."
+)
+EPHEMERAL = typer.Option(False, "--ephemeral", rich_help_panel="Prefect", help=EPHEMERAL_HELP)
 
 
 def params_from_flags(flags: dict[str, Any]) -> SyncParams:
@@ -135,15 +143,19 @@ def params_from_flags(flags: dict[str, Any]) -> SyncParams:
 def run(**flags: Any) -> None:
     """Sync SOURCE into Apollo and report every row's outcome."""
     api_key = flags.pop("api_key")
+    ephemeral = flags.pop("ephemeral")
     if api_key:
         flags["api_key_block"] = None  # the key of this run is the one given, never a stored one
     params = params_from_flags(flags)
+    from apollo_sync.sync import preflight  # polars and the stages: only the commands that run need them
+
     preflight(params)
     if api_key:
         os.environ[settings.ENV_API_KEY] = api_key  # read by the flow at run time; never a flow parameter
     if not params.run.dry_run:
         check_api_key(params.apollo.api_key_block)
-    summary = run_flow(params)
+    use_prefect_server(ephemeral)
+    summary = run_flow(params, progress=not params.run.dry_run)
     print_summary(summary)
     raise typer.Exit(exit_code_for(summary))
 
@@ -155,9 +167,12 @@ app.command()(run)
 @app.command()
 def demo(
     report_dir: Annotated[Path, typer.Option(help="Where the demo's report goes.")] = Path("apollo-sync-demo"),
+    ephemeral: Annotated[bool, typer.Option("--ephemeral", help=EPHEMERAL_HELP)] = False,
 ) -> None:
     """Sync the bundled sample export into a local sandbox server, then sync it again: no key, no network."""
     from apollo_sync.sandbox import SandboxConfig, SandboxServer
+
+    use_prefect_server(ephemeral)
 
     with SandboxServer(SandboxConfig()) as sandbox, tempfile.TemporaryDirectory(prefix="apollo-sync-demo-") as state:
         os.environ[settings.ENV_API_KEY] = sandbox.config.api_key
@@ -204,6 +219,40 @@ def sandbox(
     serve_forever(config, port)
 
 
+server_app = typer.Typer(help="The local Prefect server that ad hoc runs share: status, start, stop.", no_args_is_help=True)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Whether apollo-sync's local Prefect server is running, and where."""
+    from apollo_sync import local_server
+
+    server = local_server.status()
+    if server is None:
+        out.print(f"No local Prefect server of apollo-sync is running (PREFECT_HOME {local_server.prefect_home()}).")
+        raise typer.Exit(3)
+    out.print(f"Running: UI at {server.url}, process {server.pid}, home {server.home}, log {server.log}")
+
+
+@server_app.command("start")
+def server_start() -> None:
+    """Start the local Prefect server now (runs start it on first use anyway)."""
+    from apollo_sync import local_server
+
+    server, started = local_server.ensure()
+    out.print(f"{'Started' if started else 'Already running'}: UI at {server.url}, process {server.pid}")
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the local Prefect server apollo-sync started; nothing of it keeps running."""
+    from apollo_sync import local_server
+
+    server = local_server.stop()
+    out.print(f"Stopped the local Prefect server (process {server.pid})." if server else "Nothing was running.")
+
+
 def check_api_key(block_name: str | None) -> None:
     """Fail with one line (ConfigError, exit 2) before the flow starts when no key can be found.
 
@@ -238,12 +287,43 @@ def quiet_expected_tracebacks() -> None:
             handler.addFilter(_NoTracebackForExpected())
 
 
-def run_flow(params: SyncParams) -> dict:
-    """Run the flow in this process (on PREFECT_API_URL's server when set, else an ephemeral one)."""
+def use_prefect_server(ephemeral: bool) -> None:
+    """Point this process at the local Prefect server (started on first use, one line saying so), unless
+    ``--ephemeral`` or a PREFECT_API_URL already says which server to use (``apollo_sync.local_server``)."""
+    from apollo_sync import local_server
+
+    if not local_server.wanted(ephemeral):
+        return
+    server, started = local_server.ensure()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    if started:
+        line = (f"Started a local Prefect server for apollo-sync runs: UI at {server.url} (it keeps running; "
+                "'apollo-sync server stop' stops it)")  # fmt: skip
+        err.print(line, soft_wrap=True)
+
+
+def run_flow(params: SyncParams, progress: bool = False) -> dict:
+    """Run the flow in this process (on PREFECT_API_URL's server, else a temporary one); with ``progress``, a
+    progress bar on an interactive terminal while contacts are sent."""
     from flows.sync_contacts import sync_contacts
 
     quiet_expected_tracebacks()
-    return asyncio.run(sync_contacts(**flow_parameters(params)))
+    if not (progress and err.is_terminal):
+        return asyncio.run(sync_contacts(**flow_parameters(params)))
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    from apollo_sync.sync import watching_progress
+
+    columns = (TextColumn("sending"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[rate]}"),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("send", total=None, rate="")
+
+        def show(done: int, total: int, per_second: float) -> None:
+            bar.update(task, completed=done, total=total, rate=f"{per_second:,.0f} contacts/s")
+
+        with watching_progress(show):
+            return asyncio.run(sync_contacts(**flow_parameters(params)))
 
 
 def exit_code_for(summary: dict) -> int:

@@ -20,7 +20,8 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,8 +249,23 @@ def _added_stats(sent: list[GroupResult]) -> dict[str, int]:
 # --- Sending ---------------------------------------------------------------------------------------------------
 
 
+_watchers: list[Callable[[int, int, float], None]] = []
+
+
+@contextmanager
+def watching_progress(callback: Callable[[int, int, float], None]) -> Iterator[None]:
+    """Call ``callback(done, total, contacts_per_second)`` after every chunk any run of this process sends, while in
+    the block (the CLI's progress bar)."""
+    _watchers.append(callback)
+    try:
+        yield
+    finally:
+        _watchers.remove(callback)
+
+
 class Progress:
-    """Counts sent rows and logs a progress line at most every :data:`PROGRESS_LOG_SECONDS` (and at the end)."""
+    """Counts sent rows and logs a progress line at most every :data:`PROGRESS_LOG_SECONDS` (and at the end);
+    tells the watchers of :func:`watching_progress` after every chunk."""
 
     def __init__(self, total: int, show: Callable[[int], Awaitable[None]] | None = None):
         self.total = total
@@ -260,6 +276,8 @@ class Progress:
     async def chunk_done(self, result: ChunkResult) -> None:
         self.done += result.outcomes.height
         now = time.monotonic()
+        for watcher in list(_watchers):
+            watcher(self.done, self.total, self.done / max(now - self._started, 1e-9))
         if now - self._logged >= PROGRESS_LOG_SECONDS or (self.done >= self.total and self._logged != float("inf")):
             self._logged = now if self.done < self.total else float("inf")  # the last line once
             rate = self.done / max(now - self._started, 1e-9)

@@ -4,16 +4,20 @@ Each scenario is a fresh ``python -c`` child (as a user would type it) that sync
 sandbox in a child process; wall time is measured around the child. Scenarios:
 
   python_floor        python -c pass                                                         [reference]
+  import_prefect      python -c "import prefect"                                             [reference]
   import_flow         import flows.sync_contacts (Prefect, polars, httpx and the project)    [reference]
   ephemeral_fresh     no PREFECT_API_URL, empty PREFECT_HOME: temporary server + DB migrations
   ephemeral_warm      no PREFECT_API_URL, PREFECT_HOME already migrated: temporary server only
   ephemeral_warm_lean ephemeral_warm with the settings below that skip start-up work
   server              PREFECT_API_URL set to a `prefect server start` already running
   cli_server          `apollo-sync run` against the running server (the CLI's own checks included)
-  cli_ephemeral_warm  `apollo-sync run` with no PREFECT_API_URL, PREFECT_HOME already migrated
+  cli_ephemeral_warm  `apollo-sync run --ephemeral`, PREFECT_HOME already migrated
+  cli_local           `apollo-sync run` with no PREFECT_API_URL: the local server it started on an earlier run
+                      (apollo_sync.local_server) is reused; the ad hoc default from the second run on
 
 Usage: uv run python bench/bench_prefect_startup.py [--repeat 3]
-Medians of --repeat runs; ratios against import_flow from the same run (shared noisy machine: read as rough).
+Medians of --repeat runs; ratios against import_flow and import_prefect from the same run (shared noisy machine:
+read as rough). Issue 15's goal: cli_local at most 3x import_prefect.
 """
 
 from __future__ import annotations
@@ -71,8 +75,11 @@ def main() -> None:
     from apollo_sync.sandbox import SandboxConfig, SandboxProcess
     from prefect_server import running_server
 
+    from apollo_sync import local_server
+
     work = Path(tempfile.mkdtemp(prefix="apollo-sync-bench-startup-"))
     csv = _contacts(work / "contacts.csv")
+    local_home = work / "home-local"
     results: dict[str, list[float]] = {}
     with SandboxProcess(SandboxConfig()) as sandbox, running_server() as server:
         base = server.env(APOLLO_API_KEY=sandbox.config.api_key)
@@ -84,31 +91,42 @@ def main() -> None:
             cmd = [sys.executable, "-c", RUN, str(csv), sandbox.gateway_base_url, str(state)]
             results.setdefault(name, []).append(_time(cmd, env, ROOT))
 
-        warm_home = work / "home-warm"
-        run_flow("ephemeral_fresh", ephemeral, warm_home)  # also migrates warm_home for the warm runs
-        for i in range(args.repeat):
-            results.setdefault("python_floor", []).append(_time([sys.executable, "-c", "pass"], base, ROOT))
-            results.setdefault("import_flow", []).append(
-                _time([sys.executable, "-c", "import flows.sync_contacts"], base, ROOT)
-            )
-            if i:
-                run_flow("ephemeral_fresh", ephemeral, work / f"home-fresh-{i}")
-            run_flow("ephemeral_warm", ephemeral, warm_home)
-            run_flow("ephemeral_warm_lean", ephemeral | LEAN, warm_home)
-            run_flow("server", base)
-            state = work / f"cli-{i}"
-            cli = [str(Path(sys.executable).parent / "apollo-sync"), "run", str(csv), "--base-url", sandbox.gateway_base_url,
-                   "--state-dir", str(state), "--report-dir", str(state / "report"), "--full-refresh"]  # fmt: skip
-            results.setdefault("cli_server", []).append(_time(cli, base, ROOT))
-            cli[cli.index(str(state))] = str(work / f"cli-eph-{i}")
-            results.setdefault("cli_ephemeral_warm", []).append(_time(cli, ephemeral | {"PREFECT_HOME": str(warm_home)}, ROOT))
+        try:
+            warm_home = work / "home-warm"
+            run_flow("ephemeral_fresh", ephemeral, warm_home)  # also migrates warm_home for the warm runs
+            for i in range(args.repeat):
+                results.setdefault("python_floor", []).append(_time([sys.executable, "-c", "pass"], base, ROOT))
+                results.setdefault("import_prefect", []).append(_time([sys.executable, "-c", "import prefect"], base, ROOT))
+                results.setdefault("import_flow", []).append(
+                    _time([sys.executable, "-c", "import flows.sync_contacts"], base, ROOT)
+                )
+                if i:
+                    run_flow("ephemeral_fresh", ephemeral, work / f"home-fresh-{i}")
+                run_flow("ephemeral_warm", ephemeral, warm_home)
+                run_flow("ephemeral_warm_lean", ephemeral | LEAN, warm_home)
+                run_flow("server", base)
+                state = work / f"cli-{i}"
+                cli = [str(Path(sys.executable).parent / "apollo-sync"), "run", str(csv), "--base-url", sandbox.gateway_base_url,
+                       "--state-dir", str(state), "--report-dir", str(state / "report"), "--full-refresh"]  # fmt: skip
+                results.setdefault("cli_server", []).append(_time(cli, base, ROOT))
+                cli[cli.index(str(state))] = str(work / f"cli-eph-{i}")
+                results.setdefault("cli_ephemeral_warm", []).append(
+                    _time(cli, ephemeral | {"PREFECT_HOME": str(warm_home), "APOLLO_SYNC_EPHEMERAL": "1"}, ROOT)
+                )
+                cli[cli.index(str(work / f"cli-eph-{i}"))] = str(work / f"cli-local-{i}")
+                if i == 0:  # the first run starts the local server (not timed: that is a one-off)
+                    _time(cli[:-1] + ["--dry-run"], ephemeral | {"PREFECT_HOME": str(local_home)}, ROOT)
+                results.setdefault("cli_local", []).append(_time(cli, ephemeral | {"PREFECT_HOME": str(local_home)}, ROOT))
 
+        finally:
+            local_server.stop(local_home)  # nothing of the benchmark keeps running
     shutil.rmtree(work, ignore_errors=True)
-    reference = statistics.median(results["import_flow"])
-    print(f"{'scenario':22} {'median s':>9} {'min s':>7} {'max s':>7} {'x import_flow':>14}   (n)")
+    reference, prefect_only = statistics.median(results["import_flow"]), statistics.median(results["import_prefect"])
+    print(f"{'scenario':22} {'median s':>9} {'min s':>7} {'max s':>7} {'x import_flow':>14} {'x import_prefect':>17}   (n)")
     for name, times in results.items():
         median = statistics.median(times)
-        print(f"{name:22} {median:9.2f} {min(times):7.2f} {max(times):7.2f} {median / reference:14.2f}   ({len(times)})")
+        print(f"{name:22} {median:9.2f} {min(times):7.2f} {max(times):7.2f} {median / reference:14.2f} "
+              f"{median / prefect_only:17.2f}   ({len(times)})")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ import sys
 
 
 def cli(*args, env_extra=None, timeout=180) -> subprocess.CompletedProcess:
-    """``python -m apollo_sync.cli ARGS`` with no APOLLO_* variable inherited (``env_extra`` adds some)."""
+    """``python -m apollo_sync.cli ARGS`` with no APOLLO_* variable inherited (``env_extra`` adds some). Runs use
+    Prefect's temporary server unless ``env_extra`` sets APOLLO_SYNC_EPHEMERAL to "" (no test leaves a local
+    server running in the developer's PREFECT_HOME)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("APOLLO_")}
+    env["APOLLO_SYNC_EPHEMERAL"] = "1"
     env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, "-m", "apollo_sync.cli", *args], capture_output=True, text=True, env=env, timeout=timeout

@@ -47,7 +47,7 @@ from services import postgres, postgres_cluster_once, s3, s3_server_once  # noqa
 
 
 _SERVICE_MARKERS = {"postgres": ("postgres", "e2e"), "s3": ("s3", "e2e"), "prefect_server": ("e2e",),
-                    "prefect_harness": ("prefect",)}
+                    "local_prefect_home": ("e2e",), "prefect_harness": ("prefect",)}
 """Fixture a test uses -> the markers it gets: what a test needs is what it asks for."""
 
 

@@ -88,7 +88,7 @@ def test_run_has_one_flag_per_setting_and_keeps_every_old_flag_name():
 
     command = _run_command()
     options = {opt for param in command.params for opt in param.opts if opt.startswith("--")} - {"--help"}
-    assert options == {flag_for(name) for name in FIELD_GROUPS if name != "source"} | {"--api-key"}
+    assert options == {flag_for(name) for name in FIELD_GROUPS if name != "source"} | {"--api-key", "--ephemeral"}
     assert BASELINE_FLAGS <= options
     assert [p.name for p in command.params if p.param_type_name == "argument"] == ["source"]
 
@@ -102,10 +102,24 @@ def test_flags_become_the_grouped_settings_and_unset_flags_keep_the_models_defau
             "--dry-run", "--state-url", "postgresql://h/db", "--phone-region", "gb"]  # fmt: skip
     context = command.make_context("run", argv)
     flags = dict(context.params)
-    flags.pop("api_key")
+    flags.pop("api_key"), flags.pop("ephemeral")
     params = params_from_flags(flags)
     assert params.apollo.labels == ["a", "b"] and params.apollo.run_dedupe is False
     assert (params.load.chunk_size, params.source.format.value, params.run.dry_run) == (50, "tsv", True)
     assert (params.run.state_url, params.cleaning.phone_region) == ("postgresql://h/db", "GB")
-    bare = {k: v for k, v in command.make_context("run", ["in.csv"]).params.items() if k != "api_key"}
+    bare = {k: v for k, v in command.make_context("run", ["in.csv"]).params.items() if k not in ("api_key", "ephemeral")}
     assert params_from_flags(bare) == sync_params(source="in.csv")  # every default is the model's
+
+
+def test_the_local_server_is_used_unless_ephemeral_or_a_server_is_configured(monkeypatch):
+    from apollo_sync import local_server
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv(local_server.ENV_EPHEMERAL, raising=False)
+    assert local_server.wanted(ephemeral=False)
+    assert not local_server.wanted(ephemeral=True)
+    monkeypatch.setenv(local_server.ENV_EPHEMERAL, "1")
+    assert not local_server.wanted(ephemeral=False)
+    monkeypatch.delenv(local_server.ENV_EPHEMERAL)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert not local_server.wanted(ephemeral=False)  # a configured server is always used as it is

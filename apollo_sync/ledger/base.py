@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import hashlib
-import os
 import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,6 +19,9 @@ import polars as pl
 
 from apollo_sync import settings
 from apollo_sync.errors import InputError
+from apollo_sync.processes import pid_alive
+
+__all__ = ["CONFIRMED", "HOST", "LEDGER_SCHEMA", "Claim", "Ledger", "now", "pid_alive", "recorded_rows", "target_for"]
 
 CONFIRMED = ("created", "existing", "updated")
 STATUSES = ("pending", "created", "existing", "updated", "failed")
@@ -57,17 +59,6 @@ def target_for(base_url: str) -> str:
 def now() -> str:
     """The current UTC time as ISO 8601 text with milliseconds (what the SQLite ledger stores)."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host (a process we may not signal still exists)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)
