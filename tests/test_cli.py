@@ -123,3 +123,20 @@ def test_the_local_server_is_used_unless_ephemeral_or_a_server_is_configured(mon
     monkeypatch.delenv(local_server.ENV_EPHEMERAL)
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     assert not local_server.wanted(ephemeral=False)  # a configured server is always used as it is
+
+
+def test_the_progress_bar_is_told_after_every_chunk_up_to_the_total(sandbox, tmp_path, monkeypatch):
+    import asyncio
+
+    from apollo_sync.params import sync_params
+    from apollo_sync.sync import run_sync, watching_progress
+
+    source = tmp_path / "contacts.csv"
+    source.write_text("email\n" + "".join(f"p{i}@x.io\n" for i in range(25)))
+    monkeypatch.setenv(ENV_API_KEY, sandbox.config.api_key)
+    seen = []
+    params = sync_params(source=str(source), base_url=sandbox.gateway_base_url, state_dir=str(tmp_path / "s"),
+                         chunk_size=10, concurrency=1)  # fmt: skip
+    with watching_progress(lambda done, total, rate: seen.append((done, total))):
+        asyncio.run(run_sync(params))
+    assert seen == [(10, 25), (20, 25), (25, 25)]
