@@ -46,6 +46,9 @@ def _plain_optionals(schema: dict[str, Any]) -> None:
         if len(kept) == 1 and len(kept) < len(options):
             del prop["anyOf"]
             prop.update(kept[0])
+            if prop.get("default", ...) is None:
+                # a null default in a string field: Prefect's form fills it in and the server refuses null
+                del prop["default"]
 
 
 NO_SECRET = {"pattern": NO_SECRET_PATTERN}

@@ -6,6 +6,7 @@ No server: entrypoints are imported the way `prefect deploy` imports them, and s
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -73,15 +74,60 @@ def test_deployments_share_one_process_pool_and_only_nightly_is_scheduled():
     assert "source" not in adhoc["parameters"]  # asked for at each run
 
 
-def test_pull_step_takes_the_clone_from_the_environment_not_a_fixed_path():
-    (step,) = _config()["pull"]
-    directory = step["prefect.deployments.steps.set_working_directory"]["directory"]
-    assert directory == "{{ $APOLLO_SYNC_HOME }}"
+def _run_steps(steps: list[dict], outputs: dict | None = None) -> dict:
+    """Run prefect.yaml steps as Prefect's ``run_steps`` does (templating from earlier outputs and the
+    environment, outputs kept under each step's id), minus its API client: these steps reference no block or
+    variable, which is all the client would resolve."""
+    import asyncio
+    import inspect
 
+    from prefect.utilities.importtools import import_object
+    from prefect.utilities.templating import apply_values, find_placeholders
+
+    outputs = dict(outputs or {})
+    for step in steps:
+        ((name, inputs),) = step.items()
+        assert not [p for p in find_placeholders(inputs) if p.name.startswith("prefect.")], step
+        inputs = apply_values(apply_values(dict(inputs), outputs), dict(os.environ))
+        step_id = inputs.pop("id", None)
+        result = import_object(name)(**inputs)
+        result = asyncio.run(result) if inspect.iscoroutine(result) else result
+        outputs |= result | ({step_id: result} if step_id else {})
+    return outputs
+
+
+def test_runs_go_to_the_clone_prefect_deploy_ran_in_unless_the_worker_names_another(tmp_path, monkeypatch):
+    """The build step records the directory `prefect deploy` runs in; at run time the pull steps change into it,
+    or into APOLLO_SYNC_HOME from the worker's environment, and stop with one line where there is no clone."""
     from prefect.utilities.templating import apply_values
 
-    resolved = apply_values({"directory": directory}, {}, remove_notset=False)
-    assert resolved == {"directory": directory}  # unset: left for the worker to resolve at run time
+    config = _config()
+    clone, other, workspace = tmp_path / "clone", tmp_path / "other", tmp_path / "workspace"
+    for root in (clone, other):
+        (root / "flows").mkdir(parents=True)
+        (root / "flows" / "sync_contacts.py").write_text("", encoding="utf-8")
+    workspace.mkdir()
+    monkeypatch.delenv("APOLLO_SYNC_HOME", raising=False)
+
+    monkeypatch.chdir(clone)  # `prefect deploy` from the clone
+    recorded = apply_values(config["pull"], _run_steps(config["build"]), remove_notset=False)  # as `prefect deploy` stores them
+    assert str(clone.resolve()) in str(recorded) and "{{ clone.stdout }}" in str(recorded)
+
+    def run_in() -> Path:
+        monkeypatch.chdir(workspace)  # a worker starts each run in a fresh temporary directory
+        _run_steps(recorded)
+        return Path.cwd()
+
+    assert run_in() == clone.resolve()
+    monkeypatch.setenv("APOLLO_SYNC_HOME", str(other))
+    assert run_in() == other.resolve()
+    monkeypatch.setenv("APOLLO_SYNC_HOME", str(tmp_path / "nowhere"))
+    with pytest.raises(RuntimeError, match="no clone at .*nowhere.*set APOLLO_SYNC_HOME"):
+        run_in()
+
+    monkeypatch.chdir(other)  # APOLLO_SYNC_HOME set for `prefect deploy` is what it records
+    monkeypatch.setenv("APOLLO_SYNC_HOME", str(clone))
+    assert _run_steps(config["build"])["deployed-from"]["stdout"] == str(clone)
 
 
 def test_no_parameter_in_prefect_yaml_is_unknown_to_the_flow_and_each_validates(monkeypatch):
@@ -153,6 +199,14 @@ def test_setup_reads_the_pool_name_from_prefect_yaml():
     assert setup.pool_name_from(PREFECT_YAML) == pool["name"]
 
 
+def test_setup_check_looks_for_the_rate_limits_the_deployments_use_and_changes_nothing():
+    setup = _setup_module()
+    assert setup.rate_limits_from(PREFECT_YAML) == {"apollo-sync-rate": ["sync-partitions"]}
+    with pytest.raises(SystemExit) as exit_:  # refused before connecting: --check never writes
+        setup.main(["--check", "--save-key"])
+    assert exit_.value.code == 2
+
+
 def test_setup_rate_limit_refills_at_the_requested_rate():
     setup = _setup_module()
     assert setup.rate_limit_for(60) == setup.RateLimit("apollo-sync-rate", limit=1, per_second=1.0)
@@ -199,8 +253,13 @@ def test_grouped_json_passes_the_servers_schema_check_and_validates_back_to_the_
         validate(given, schema, raise_on_error=True, preprocess=True, ignore_required=False)
         validated = flow.validate_parameters(given)
         assert {group: validated[group] for group in given} == {group: getattr(settings, group) for group in given}
-    with pytest.raises(Exception, match="query"):
-        validate({"source": {"path": "x.csv", "query": None}}, schema, raise_on_error=True, preprocess=True)
+    # What Prefect's run form sends for an optional text field left as it loads: null. The schema gives such a
+    # field no default (a null default made the server refuse the form's own submission), and null passes.
+    source = schema["definitions"]["SourceParams"]["properties"]
+    assert "default" not in source["query"] and "default" not in source["delimiter"]
+    sent = {"source": {"path": "x.csv", "query": None, "delimiter": None}}
+    validate(sent, schema, raise_on_error=True, preprocess=True)
+    assert flow.validate_parameters(sent)["source"].query is None
 
 
 @pytest.mark.parametrize("deployment", ["sync-contacts-adhoc", "sync-partitions"])

@@ -76,6 +76,13 @@ def prefect_cli(*args: str) -> list[str]:
     """The ``prefect`` command of this interpreter's environment."""
     return [sys.executable, "-m", "prefect", *args]
 
+
+def run_ok(cmd: list[str], env: dict[str, str], cwd: Path = ROOT, timeout: float = 120) -> str:
+    """Run ``cmd`` to completion; fail the test with its output unless it exits 0. Returns stdout + stderr."""
+    done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{cmd} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
 def stop_process(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> int:
     """SIGTERM the process group we started, wait, then SIGKILL it if it is still there. Returns the exit code."""
     if proc.poll() is None:
@@ -100,7 +107,7 @@ def running_server() -> Iterator[PrefectServer]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = PrefectServer(url=url, api_url=f"{url}/api", home=home, log=home / "server.log")
-    env = server.env()
+    env = server.env(PREFECT_UI_API_URL=server.api_url)  # else the UI calls port 4200 (tests/e2e/test_ui_browser.py)
     env.pop("PREFECT_API_URL")
     with server.log.open("wb") as log:
         proc = subprocess.Popen(

@@ -3,13 +3,20 @@
 The worker has no APOLLO_API_KEY: the flow must take the key from the Secret block that setup.py saved. The
 sandbox (a real HTTP server in this process) stands in for Apollo; the run must land every valid email, leave
 progress, summary and problems artifacts, and write the key in no log line.
+
+Issue 15: all of it happens in a copy of the project, and the worker started there has no APOLLO_SYNC_HOME: the
+runs go to the clone `prefect deploy` ran in, recorded in the deployment (relative paths resolve inside it).
+`setup.py --check` names what is missing before setup and nothing after; a run whose Secret block does not
+exist fails with one line naming the block and the command that creates it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +28,7 @@ from apollo_sync import settings
 from apollo_sync.params import sync_params
 from apollo_sync.sandbox import SandboxConfig, SandboxServer
 
-from prefect_server import ROOT, PrefectServer, prefect_cli, stop_process, wait_final
+from prefect_server import ROOT, PrefectServer, prefect_cli, run_ok, stop_process, wait_final
 
 pytestmark = pytest.mark.e2e
 
@@ -31,12 +38,26 @@ ADHOC = "sync-contacts/sync-contacts-adhoc"
 NIGHTLY = "sync-contacts/sync-contacts-nightly"
 RUN_TIMEOUT = 120.0
 VALID = 250
+PROJECT_ENTRIES = ("prefect.yaml", "pyproject.toml", "apollo_sync", "flows", "tasks", "deployments")
+"""What a clone needs to deploy and run the flows (the interpreter and its packages are this environment's)."""
 
 
-def _run(cmd: list[str], env: dict[str, str], timeout: float = 120) -> str:
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{cmd} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout + done.stderr
+def _copy_project(to: Path) -> Path:
+    """A copy of the project's flow code and Prefect files at ``to``, standing in for a clone elsewhere."""
+    to.mkdir()
+    for name in PROJECT_ENTRIES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, to / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(source, to / name)
+    return to
+
+
+def _check(clone: Path, env: dict[str, str]) -> tuple[int, str]:
+    done = subprocess.run([sys.executable, "deployments/setup.py", "--check"], env=env, cwd=clone,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return done.returncode, done.stdout + done.stderr
 
 
 def _write_export(path: Path) -> set[str]:
@@ -88,22 +109,35 @@ async def _rate_limit(server: PrefectServer, name: str):
 
 
 def test_deploy_all_and_a_worker_run_lands_every_contact_with_the_key_from_the_secret_block(prefect_server, tmp_path):
+    clone = _copy_project(tmp_path / "clone")
     with SandboxServer(SandboxConfig()) as sandbox:
         key = sandbox.config.api_key
         env = prefect_server.env()
 
-        # 1. setup.py, twice: the second run must change nothing
+        # 1. setup.py --check on a fresh server: one line per missing object, exit 1
+        code, before = _check(clone, env)
+        assert code == 1, before
+        assert f"work pool '{POOL}': missing; create it with `python deployments/setup.py`" in before
+        create_block = "create it with `APOLLO_API_KEY=... python deployments/setup.py --save-key`"
+        assert f"Secret block '{SECRET_BLOCK}': missing; {create_block}" in before
+        assert "global rate limit 'apollo-sync-rate' (used by sync-partitions): missing" in before
+
+        # 2. setup.py, twice: the second run must change nothing; then --check finds everything
         setup = [sys.executable, "deployments/setup.py", "--save-key", "--rate-per-minute", "600"]
-        first = _run(setup, env | {"APOLLO_API_KEY": key})
-        second = _run(setup, env | {"APOLLO_API_KEY": key})
+        first = run_ok(setup, env | {"APOLLO_API_KEY": key}, cwd=clone)
+        second = run_ok(setup, env | {"APOLLO_API_KEY": key}, cwd=clone)
         assert f"work pool '{POOL}' (process): created" in first
         assert "already there" in second and "already holds this key" in second
         assert key not in first + second
         limit = asyncio.run(_rate_limit(prefect_server, "apollo-sync-rate"))
         assert (limit.limit, limit.slot_decay_per_second) == (10, 10.0)
+        code, after = _check(clone, env)
+        assert code == 0 and "missing" not in after and after.count(": ok") == 3, after
+        assert key not in before + after
 
-        # 2. prefect deploy --all from the repo's prefect.yaml (APOLLO_SYNC_HOME unset: resolved by the worker)
-        deployed = _run(prefect_cli("--no-prompt", "deploy", "--all"), env)
+        # 3. prefect deploy --all from the clone (no APOLLO_SYNC_HOME): the deployments record the clone
+        assert "APOLLO_SYNC_HOME" not in env
+        deployed = run_ok(prefect_cli("--no-prompt", "deploy", "--all"), env, cwd=clone)
         assert "sync-contacts-adhoc" in deployed and "sync-contacts-nightly" in deployed
         deployments = asyncio.run(_deployments(prefect_server))
         nightly, adhoc = deployments[NIGHTLY], deployments[ADHOC]
@@ -111,49 +145,61 @@ def test_deploy_all_and_a_worker_run_lands_every_contact_with_the_key_from_the_s
         assert nightly.schedules[0].schedule.cron == "0 2 * * *"
         assert nightly.global_concurrency_limit is not None and nightly.global_concurrency_limit.limit == 1
         assert not adhoc.schedules
-        assert adhoc.pull_steps == [
-            {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $APOLLO_SYNC_HOME }}"}}
-        ]
+        choose, change = adhoc.pull_steps
+        recorded = choose["prefect.deployments.steps.run_shell_script"]["env"]
+        assert recorded == {"APOLLO_SYNC_DEPLOYED_FROM": os.path.realpath(clone)}
+        assert change == {"prefect.deployments.steps.set_working_directory": {"directory": "{{ clone.stdout }}"}}
         assert adhoc.work_pool_name == nightly.work_pool_name == POOL
         # the imported flow's form, not the placeholder `prefect deploy` falls back to when the import fails
         schema = adhoc.parameter_openapi_schema
         assert schema["definitions"]["ApolloParams"]["properties"]["base_url"]["default"] == settings.GATEWAY_BASE_URL
 
-        # 3. a process worker from the clone, without the key in its environment
+        # 4. a process worker started in the clone, with neither APOLLO_SYNC_HOME nor the key in its environment
         worker_log = tmp_path / "worker.log"
-        worker_env = env | {"APOLLO_SYNC_HOME": str(ROOT), "PREFECT_WORKER_QUERY_SECONDS": "1"}
-        assert "APOLLO_API_KEY" not in worker_env
+        worker_env = env | {"PREFECT_WORKER_QUERY_SECONDS": "1"}
+        assert "APOLLO_API_KEY" not in worker_env and "APOLLO_SYNC_HOME" not in worker_env
         with worker_log.open("wb") as log:
             worker = subprocess.Popen(
                 prefect_cli("worker", "start", "--pool", POOL, "--type", "process"),
-                env=worker_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env=worker_env, cwd=clone, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         try:
-            # 4. run the ad hoc deployment with parameters pointing at the sandbox
-            expected = _write_export(tmp_path / "export.csv")
-            report_dir = tmp_path / "report"
-            started = _run(
+            # 5. run the ad hoc deployment against the sandbox; source, ledger and report relative to the clone
+            (clone / "data").mkdir()
+            expected = _write_export(clone / "data" / "export.csv")
+            started = run_ok(
                 prefect_cli(
                     "deployment", "run", ADHOC,
-                    "--params", json.dumps(sync_params(source=str(tmp_path / "export.csv"),
-                                                       base_url=sandbox.gateway_base_url, report_dir=str(report_dir),
-                                                       state_dir=str(tmp_path / "state")).as_json()),
+                    "--params", json.dumps(sync_params(source="data/export.csv", base_url=sandbox.gateway_base_url,
+                                                       report_dir="reports/e2e", state_dir="state").as_json()),
                 ),
                 env,
             )  # fmt: skip
             flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", started).group(1)
             run = asyncio.run(wait_final(prefect_server, flow_run_id, RUN_TIMEOUT))
+
+            # 6. a run naming a Secret block that does not exist: one line saying which, and how to create it
+            no_block = asyncio.run(_start_run(prefect_server, adhoc.id, sync_params(
+                source="data/export.csv", base_url=sandbox.gateway_base_url, api_key_block="no-such-block",
+                state_dir="state-no-block").as_json()))  # fmt: skip
+            failed = asyncio.run(wait_final(prefect_server, no_block, RUN_TIMEOUT))
         finally:
             stop_process(worker)
         worker_output = worker_log.read_text(errors="replace")
         assert run.state.is_completed(), f"{run.state}\n{worker_output[-4000:]}"
 
-        # 5. every valid email landed, once
+        # 7. every valid email landed, once; the report is where the relative path says, inside the clone
         stored = sorted(c["email"] for c in sandbox.contacts())
         assert stored == sorted(expected)
-        assert (report_dir / "summary.json").exists()
+        assert (clone / "reports" / "e2e" / "summary.json").exists()
+        assert (clone / "state").is_dir() and not (ROOT / "reports" / "e2e").exists()
 
-    # 6. artifacts exist; the key is in no log line, artifact, parameter or worker output
+    assert failed.state.is_failed(), f"{failed.state}\n{worker_output[-4000:]}"
+    message = failed.state.message or ""
+    assert "Secret block 'no-such-block' does not exist" in message, message
+    assert "python deployments/setup.py --save-key --secret-block no-such-block" in message, message
+
+    # 8. artifacts exist; the key is in no log line, artifact, parameter or worker output
     artifacts, logs = asyncio.run(_artifacts_and_logs(prefect_server, flow_run_id))
     by_key = {a.key: a for a in artifacts}
     assert {"apollo-sync-progress", "apollo-sync-summary", "apollo-sync-problems"} <= set(by_key)
