@@ -7,7 +7,8 @@
   (windows are aligned to multiples of their length), and the full windows in the middle of the run give the
   achieved requests per window against the allowed. Goal: >= 95 % of the allowed rate, 429s <= 1 % of requests.
 - ``rate_limited_apollo`` (full run only): the same through Apollo's ``x-minute-*`` headers, 40 a minute for about
-  four minutes; the pacer has no reset header there and relies on clock-aligned minutes.
+  four minutes; the pacer has no reset header there: its first guess is clock-aligned minutes, probed at each
+  reset until the server confirms one.
 - ``throughput``: an unlimited sandbox in a child process with 20 ms latency. The loader (ledger on, and off)
   against a plain asyncio + httpx loop posting the same bodies at the same concurrency, in the same run,
   alternating, best of ``repeats``. Goal: loader >= 0.8x the plain loop's contacts/s.
@@ -88,7 +89,7 @@ def bench_rate_limited(quick: bool, way: str = "gateway") -> dict:
     """Achieved requests per window vs allowed, and the 429 share.
 
     ``way="gateway"``: a 1 s window told by ``X-RateLimit-Reset``. ``way="apollo"``: Apollo's minute window
-    (no reset header; the pacer assumes clock-aligned minutes), 3 to 4 minutes long.
+    (no reset header; the pacer first guesses clock-aligned minutes), 3 to 4 minutes long.
     """
     if way == "apollo":
         rate, window, windows = 40, 60.0, 4

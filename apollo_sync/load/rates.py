@@ -3,6 +3,10 @@
 Both header families are read: the gateway's ``X-RateLimit-Limit``/``Remaining``/``Reset`` and Apollo's
 ``x-rate-limit-<window>``/``x-<window>-requests-left``/``x-<window>-usage`` for the minute, hourly and daily
 windows. The client attaches a :class:`RateInfo` to every answer and every error answer; the pacer reads it.
+
+A gateway ``Reset`` is kept as the server gave it too: an epoch time (``reset_epoch``, which the pacer measures on
+its own wall clock) and whether it came in whole seconds (``reset_step`` 1.0: the reset really falls up to a second
+before the value, when the server rounds up, so a delay read from it is up to a second long).
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ class WindowInfo:
 
     ``name`` is ``"minute"``, ``"hourly"`` or ``"daily"`` (Apollo direct) or ``"gateway"``. ``reset_after`` is the
     number of seconds from the answer until the window resets (the gateway sends it; Apollo does not).
-    ``length`` is the window's length in seconds when known (Apollo's fixed windows).
+    ``length`` is the window's length in seconds when known (Apollo's fixed windows). ``reset_epoch`` is the reset
+    as an epoch time when the header gave one; ``reset_step`` is 1.0 when the header was a whole number of seconds
+    (its precision), else 0.
     """
 
     name: str
@@ -33,6 +39,8 @@ class WindowInfo:
     remaining: int | None
     reset_after: float | None = None
     length: float | None = None
+    reset_epoch: float | None = None
+    reset_step: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -59,13 +67,16 @@ class RateInfo:
             windows.append(WindowInfo(name, _int(limit), _int(left), None, length))
         g_limit = _number(lower.get(settings.GATEWAY_LIMIT_HEADER.lower()))
         g_left = _number(lower.get(settings.GATEWAY_REMAINING_HEADER.lower()))
-        g_reset = _number(lower.get(settings.GATEWAY_RESET_HEADER.lower()))
+        raw_reset = lower.get(settings.GATEWAY_RESET_HEADER.lower())
+        g_reset = _number(raw_reset)
         if g_limit is not None or g_left is not None:
-            if g_reset is not None and g_reset > EPOCH_THRESHOLD:
-                g_reset = g_reset - now
+            epoch = g_reset if g_reset is not None and g_reset > EPOCH_THRESHOLD else None
+            if epoch is not None:
+                g_reset = epoch - now
             if g_reset is not None:
                 g_reset = max(0.0, g_reset)
-            windows.append(WindowInfo("gateway", _int(g_limit), _int(g_left), g_reset, None))
+            step = 1.0 if g_reset is not None and raw_reset is not None and "." not in raw_reset else 0.0
+            windows.append(WindowInfo("gateway", _int(g_limit), _int(g_left), g_reset, None, epoch, step))
         return cls(tuple(windows), parse_retry_after(lower.get(settings.RETRY_AFTER_HEADER.lower()), now=now))
 
 

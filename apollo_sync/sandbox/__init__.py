@@ -15,8 +15,14 @@ Contacts live in memory. ``run_dedupe`` matches by case-insensitive email, or fo
 email by first name + last name + organization (all three present); a match comes back in
 ``existing_contacts`` unchanged. An update replaces each field given, blanks one given as ``""`` or null, replaces
 ``label_names`` whole, and moves the dedupe indexes when an email or name changes. Rate limits are fixed windows
-aligned to multiples of their length since the epoch, counted per API key, one budget for creates and updates.
+aligned to multiples of their length since the epoch (plus ``phase`` seconds; ``sliding=True`` counts the last
+``window`` seconds instead), counted per API key, one budget for creates and updates.
 Faults (drop, 503, burst 429, slow, 500 after store) are drawn per request from one seeded ``random.Random``.
+
+Every request must name a loopback host (``Host: 127.0.0.1``, ``localhost`` or ``[::1]``, any port), else it gets a
+421 before anything else: a web page cannot reach the sandbox through DNS rebinding. The key it accepts comes from
+``--api-key``, else ``APOLLO_SANDBOX_KEY``, else ``sandbox-key``; :class:`SandboxProcess` passes it by environment,
+never on the command line.
 
 Admin endpoints (no auth, loopback only, outside the counters): ``GET /_sandbox/contacts``,
 ``POST /_sandbox/contacts`` (seed contacts that exist before a sync), ``GET /_sandbox/stats``,

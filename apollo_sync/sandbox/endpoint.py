@@ -17,6 +17,11 @@ paths is a 405 (on ``/contacts/{id}``: for a stored id; an unknown one is a 404)
 Admin, no auth, not counted: ``GET /_sandbox/contacts``, ``GET /_sandbox/stats``, ``POST /_sandbox/reset``, and
 ``POST /_sandbox/contacts`` with ``{"contacts": [...]}`` to seed contacts that exist before a sync (answered
 ``{"contacts": [<public shape>...]}``).
+
+Every request, admin ones included, must name the sandbox by a loopback name in its ``Host`` header:
+``127.0.0.1``, ``localhost`` or ``[::1]``, with any port. Any other Host (or none) is a 421 Misdirected Request in
+the way in's error shape, before auth, routing or counting. Binding 127.0.0.1 keeps other machines out; this keeps
+out web pages, whose browser can be pointed at 127.0.0.1 by a DNS name (DNS rebinding) but then sends that name.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from apollo_sync.sandbox.update import bulk_update_operation, update_one_operati
 from apollo_sync.sandbox.wire import BadRequest, Operation, Reply, checked_fields, error, is_str_list
 
 ADMIN_PREFIX = "/_sandbox"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+"""The names a request's Host header may give (with any port, IPv6 in brackets), case-insensitive."""
 MAX_BODY_BYTES = 16 * 1024 * 1024
 _CONTACT_PREFIX = settings.CONTACT_PATH.split("{", 1)[0]  # "/contacts/"
 
@@ -44,6 +51,8 @@ Parse = Callable[[bytes], Operation]
 
 def answer(state: SandboxState, method: str, path: str, headers: Mapping[str, str], body: bytes | None) -> Reply:
     """The reply to one request. ``path`` without its query; ``body`` None when it could not be read in step."""
+    if not names_loopback(headers.get("Host")):
+        return misdirected(family_of(path) or GATEWAY, headers.get("Host"))
     if path.startswith(ADMIN_PREFIX + "/"):
         return admin(state, method, path, body)
     family = family_of(path)
@@ -62,6 +71,30 @@ def answer(state: SandboxState, method: str, path: str, headers: Mapping[str, st
     if contact_id is not None and state.knows(contact_id):  # an unknown id is no resource: the 404 below
         return error(family, 405, f"{method} is not allowed here: use PATCH to update a contact")
     return error(family, 404, f"no route for {method} {path}")
+
+
+def names_loopback(host: str | None) -> bool:
+    """Whether a Host header names this machine's loopback: one of :data:`LOOPBACK_NAMES`, optionally ``:port``."""
+    value = (host or "").strip().lower()
+    if value.startswith("["):  # [::1] or [::1]:8765
+        name, closed, port = value[1:].partition("]")
+        if not closed or (port and not port.startswith(":")):
+            return False
+        port = port[1:]
+    elif value.count(":") > 1:  # a bare IPv6 address: no port can follow
+        name, port = value, ""
+    else:
+        name, _, port = value.partition(":")
+    return name in LOOPBACK_NAMES and (port == "" or (port.isascii() and port.isdigit()))
+
+
+def misdirected(family: str, host: str | None) -> Reply:
+    """The 421 for a Host that does not name loopback, in the way in's error shape."""
+    shown = repr(host[:100]) if host else "none"
+    reply = error(family, 421, f"Host {shown} is not this sandbox: send Host 127.0.0.1, localhost or [::1] (any port)")
+    if family == GATEWAY and reply.body is not None:
+        reply.body["error"].update(type="invalid_request_error", code="misdirected_request")
+    return reply
 
 
 def family_of(path: str) -> str | None:

@@ -3,6 +3,11 @@
 The child gets its own interpreter (benchmarks measure the client, not a server sharing its GIL) and can be
 killed with -9 (``.process``). Flags mirror :class:`~.state.SandboxConfig` one for one (:func:`config_to_argv`,
 :func:`config_from_args`).
+
+The key: ``--api-key``, else the environment variable ``APOLLO_SANDBOX_KEY`` (``settings.ENV_SANDBOX_KEY``; unset or
+empty means the default ``sandbox-key``). :class:`SandboxProcess` always hands its config's key to the child that
+way, never on the command line, so it does not show in ``ps`` (and a key in the parent's environment does not
+override the config's).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,7 @@ from apollo_sync.errors import InputError
 from apollo_sync.sandbox.endpoint import ADMIN_PREFIX
 from apollo_sync.sandbox.server import ANNOUNCE_PREFIX, LOOPBACK_HOST, SandboxURLs, serve_forever
 from apollo_sync.sandbox.state import SandboxConfig
+from apollo_sync.settings import ENV_SANDBOX_KEY
 
 DESCRIPTION = "A real HTTP server on 127.0.0.1 that behaves like Apollo's Bulk Create and Bulk Update Contacts."
 _PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
@@ -39,6 +45,8 @@ def config_to_argv(config: SandboxConfig) -> list[str]:
             continue
         if f.name == "shuffle":
             argv.append("--no-shuffle")
+        elif f.name == "sliding":
+            argv.append("--sliding")
         else:
             argv += ["--" + f.name.replace("_", "-"), str(value)]
     return argv
@@ -47,7 +55,8 @@ def config_to_argv(config: SandboxConfig) -> list[str]:
 class SandboxProcess(SandboxURLs):
     """The sandbox in a child process (``python -m apollo_sync.sandbox``), same API as SandboxServer.
 
-    For benchmarks (the server gets its own interpreter) and kill -9 tests (``.process``).
+    For benchmarks (the server gets its own interpreter) and kill -9 tests (``.process``). The key goes to the
+    child in ``APOLLO_SANDBOX_KEY``, not in its argv.
     ``contacts()``/``seed()``/``stats()``/``reset()`` go over the admin endpoints.
     """
 
@@ -65,7 +74,9 @@ class SandboxProcess(SandboxURLs):
         env = dict(os.environ)
         env["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["PYTHONUNBUFFERED"] = "1"
-        cmd = [sys.executable, "-m", "apollo_sync.sandbox", "--port", str(self._port), *config_to_argv(self.config)]
+        env[ENV_SANDBOX_KEY] = self.config.api_key  # not in argv: anyone can read a command line
+        flags = config_to_argv(replace(self.config, api_key=SandboxConfig().api_key))
+        cmd = [sys.executable, "-m", "apollo_sync.sandbox", "--port", str(self._port), *flags]
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env)
         line: list[str] = []
         reader = threading.Thread(target=lambda: line.append(self.process.stdout.readline()), daemon=True)  # type: ignore[union-attr]
@@ -150,9 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = SandboxConfig()
     p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0 = any free port; default 8765)")
     p.add_argument("--host", default=LOOPBACK_HOST, help="only 127.0.0.1 (or localhost) is accepted")
-    p.add_argument("--api-key", default=d.api_key, help="the key clients must send (default: sandbox-key)")
+    p.add_argument("--api-key", default=None, help=f"the key clients must send (default: ${ENV_SANDBOX_KEY}, "
+                   f"else {d.api_key}; the variable keeps the key out of ps)")
     p.add_argument("--rate", type=int, default=None, help="requests per --window per key (default: no limit)")
     p.add_argument("--window", type=float, default=d.window, help="primary window length in seconds (default 60)")
+    p.add_argument("--phase", type=float, default=d.phase,
+                   help="fixed windows start at multiples of their length plus this many seconds (default 0)")
+    p.add_argument("--sliding", action="store_true", help="windows count the last --window seconds, not fixed ones")
     p.add_argument("--hourly-limit", type=int, default=None, help="requests per hour per key")
     p.add_argument("--daily-limit", type=int, default=None, help="requests per day per key")
     p.add_argument("--latency", type=float, default=0.0, help="seconds slept on every create or update request")
@@ -170,7 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> SandboxConfig:
     """SandboxConfig from parsed ``build_parser()`` arguments (each flag is named after its field)."""
     values = {f.name: getattr(args, f.name) for f in fields(SandboxConfig) if f.name != "shuffle"}
+    values["api_key"] = sandbox_key(args.api_key)
     return SandboxConfig(**values, shuffle=not args.no_shuffle)
+
+
+def sandbox_key(given: str | None) -> str:
+    """The key to expect: ``given`` (``--api-key``), else ``$APOLLO_SANDBOX_KEY`` read now, else the default."""
+    if given is not None:
+        return given
+    return os.environ.get(ENV_SANDBOX_KEY) or SandboxConfig().api_key
 
 
 def main(argv: list[str] | None = None) -> int:

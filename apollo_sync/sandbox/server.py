@@ -3,6 +3,11 @@ thread of this process) and :func:`serve_forever` (in the foreground, for ``pyth
 
 The handler is a thin adapter: it reads the body (always, so a keep-alive connection stays in step), asks
 :func:`.endpoint.answer` for the reply and writes it. Both ways in are served from one port.
+
+Two fences: the socket is bound to 127.0.0.1 only (no other machine reaches it), and :func:`.endpoint.answer`
+answers 421 to any request whose ``Host`` header is not 127.0.0.1, localhost or [::1] (any port), so a web page
+that rebinds its DNS name to 127.0.0.1 cannot drive the sandbox from a browser. The key clients must send is
+``SandboxConfig.api_key``; the command line takes it from ``--api-key`` or ``APOLLO_SANDBOX_KEY`` (:mod:`.process`).
 """
 
 from __future__ import annotations

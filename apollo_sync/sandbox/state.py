@@ -6,9 +6,10 @@ place with Apollo's update semantics (a field given replaces the value, ``""`` o
 replaces the labels), moving the dedupe indexes when an email or a name changes; :meth:`SandboxState.seed` stores
 contacts that existed before a sync, outside every counter and window.
 
-Rate limits are fixed windows aligned to multiples of their length since the epoch, counted per API key. Time comes
-from the state's ``clock`` (``time.time`` unless one is injected), so a test can step a fake clock over a window
-boundary instead of sleeping to one. Faults are drawn per request from one seeded ``random.Random``.
+Rate limits are counted per API key, in fixed windows that start at multiples of their length since the epoch plus
+the config's ``phase`` (0: aligned to the clock), or with ``sliding`` in windows that count the last ``length``
+seconds. Time comes from the state's ``clock`` (``time.time`` unless one is injected), so a test can step a fake clock
+over a window boundary instead of sleeping to one. Faults are drawn per request from one seeded ``random.Random``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -47,6 +49,9 @@ class SandboxConfig:
 
     ``rate`` requests per ``window`` seconds is the primary window (reported as Apollo's minute family);
     ``hourly_limit`` and ``daily_limit`` add 3600 s and 86400 s windows. ``None`` means no limit.
+    Windows are fixed and start at multiples of their length plus ``phase`` seconds since the epoch (a server whose
+    minutes do not turn with the clock's); ``sliding`` makes every window count the requests of the last ``window``
+    (3600, 86400) seconds instead, and its reset the time until the oldest of them leaves it (one request frees up).
     ``latency`` seconds are slept on every such request. ``seed`` makes faults, ids and shuffles
     repeatable. ``shuffle`` returns each contact list in a random order, as the real API promises none.
     """
@@ -54,6 +59,8 @@ class SandboxConfig:
     api_key: str = field(default="sandbox-key", repr=False)
     rate: int | None = None
     window: float = 60.0
+    phase: float = 0.0
+    sliding: bool = False
     hourly_limit: int | None = None
     daily_limit: int | None = None
     latency: float = 0.0
@@ -75,6 +82,8 @@ class SandboxConfig:
                 raise InputError(f"sandbox {name} must be a whole number >= 1 or unset; got {value!r}")
         if not self.window > 0:
             raise InputError(f"sandbox window must be > 0 seconds; got {self.window!r}")
+        if not math.isfinite(self.phase):
+            raise InputError(f"sandbox phase must be a finite number of seconds; got {self.phase!r}")
         for name in ("latency", "slow_seconds"):
             if getattr(self, name) < 0:
                 raise InputError(f"sandbox {name} must be >= 0 seconds; got {getattr(self, name)!r}")
@@ -124,6 +133,7 @@ class SandboxState:
             self.by_email: dict[str, dict[str, Any]] = {}
             self.by_name: dict[tuple[str, str, str], dict[str, Any]] = {}
             self.usage: dict[tuple[str, str], tuple[int, int]] = {}  # (key, family) -> (window index, count)
+            self.recent: dict[tuple[str, str], deque[float]] = {}  # sliding: (key, family) -> times counted
             self.id_counter = itertools.count(1)
             self.requests = 0
             self.requests_by_endpoint = {name: 0 for name in ENDPOINTS}
@@ -154,19 +164,35 @@ class SandboxState:
 
     # --- rate windows (lock held) ------------------------------------------------------------
     def _window_state(self, key: str, now: float) -> list[tuple[Window, int, float]]:
-        """(window, used in the current window, seconds until it resets) for each configured window."""
+        """(window, used in the current window, seconds until it resets) for each configured window.
+
+        A sliding window "resets" when its oldest counted request leaves it (one request frees up)."""
         out = []
         for w in self.windows:
-            index = math.floor(now / w.length)
+            if self.config.sliding:
+                times = self._recent(key, w, now)
+                out.append((w, len(times), (times[0] + w.length - now) if times else w.length))
+                continue
+            index = math.floor((now - self.config.phase) / w.length)
             seen_index, count = self.usage.get((key, w.family), (index, 0))
             used = count if seen_index == index else 0
-            out.append((w, used, (index + 1) * w.length - now))
+            out.append((w, used, (index + 1) * w.length + self.config.phase - now))
         return out
+
+    def _recent(self, key: str, w: Window, now: float) -> deque[float]:
+        """A sliding window's request times of ``key``, those older than ``w.length`` seconds dropped."""
+        times = self.recent.setdefault((key, w.family), deque())
+        while times and times[0] <= now - w.length:
+            times.popleft()
+        return times
 
     def count_request(self, key: str, now: float) -> None:
         """Count one request of ``key`` in every window."""
         for w in self.windows:
-            index = math.floor(now / w.length)
+            if self.config.sliding:
+                self._recent(key, w, now).append(now)
+                continue
+            index = math.floor((now - self.config.phase) / w.length)
             seen_index, count = self.usage.get((key, w.family), (index, 0))
             self.usage[(key, w.family)] = (index, count + 1 if seen_index == index else 1)
 
