@@ -78,3 +78,26 @@ REJECT_MISSING_IDENTITY = "missing_identity"
 
 SOURCE_ROW = "source_row"
 """Column carried from extraction to the results file: 1-based record number in the source."""
+
+# --- Appended: source limits and the sandbox key (issue 14) ---------------------------------
+JSON_ARRAY_MAX_BYTES = 100_000_000
+"""Largest ``.json`` array file read (100 MB). polars parses a JSON array whole, peaking near ten times the file's
+size (a 61 MB array of contacts: 610 MB); NDJSON, one object per line, is scanned in a stream whatever its size,
+so a larger array is refused with the advice to convert it."""
+ENV_SANDBOX_KEY = "APOLLO_SANDBOX_KEY"
+"""The key the sandbox command line (``python -m apollo_sync.sandbox``) expects when no ``--api-key`` is given; how
+:class:`~apollo_sync.sandbox.SandboxProcess` hands the key to its child, so it never shows in ``ps``."""
+
+# --- Appended: phones that exist, and a bounded cell (issue 14) -----------------------------
+PHONE_INVALID = "invalid"
+"""A phone dropped because phonenumbers reads a number that it does not hold valid (a length or a range that its
+metadata gives no number of the country: ``+1 032 351 1114``)."""
+PHONE_UNPARSEABLE = "unparseable"
+"""A phone dropped because phonenumbers cannot read a number from its text (no digits, too few or too many, an
+unknown country calling code)."""
+PHONE_DROP_REASONS = (PHONE_INVALID, PHONE_UNPARSEABLE)
+MAX_CELL_BYTES = 10_000
+"""Longest cell (UTF-8 bytes, as read) of a column that feeds a contact field. No Apollo field needs more (names,
+titles and URLs run to a few hundred characters); a longer cell is nearly always a broken quote that swallowed
+the rows after it, so its row is rejected (:data:`REJECT_TOO_LARGE`) rather than sent."""
+REJECT_TOO_LARGE = "too_large"

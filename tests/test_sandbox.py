@@ -1,4 +1,5 @@
-"""The sandbox server over real sockets: both ways in, auth, validation, dedupe, rate windows, faults, admin.
+"""The sandbox server over real sockets: both ways in, auth, validation, dedupe, rate windows, faults, admin; at
+the end, only loopback Host headers answered (a DNS-rebinding defence) and the key from ``APOLLO_SANDBOX_KEY``.
 
 Fixtures ``sandbox`` and ``sandbox_factory`` come from tests/sandbox_fixtures.py via conftest. Rate windows run on
 a ``FakeClock`` the test advances; one test checks that the default clock is the wall clock.
@@ -7,15 +8,20 @@ a ``FakeClock`` the test advances; one test checks that the default clock is the
 from __future__ import annotations
 
 import json
+import socket
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from apollo_sync.errors import InputError
 from apollo_sync.sandbox import SandboxConfig, SandboxProcess, SandboxServer, config_to_argv, serve_forever
+from apollo_sync.sandbox.endpoint import names_loopback
 from apollo_sync.sandbox.process import build_parser, config_from_args
+from apollo_sync.settings import ENV_SANDBOX_KEY
 from sandbox_fixtures import KEY, FakeClock, apollo, gateway, wait_for
 
 BULK = "/contacts/bulk_create"
@@ -440,3 +446,105 @@ def test_key_is_never_logged_or_in_repr(sandbox_factory, capfd):
     assert secret not in out + err
     assert secret not in repr(sb.config)
     assert secret not in json.dumps(sb.stats()) + json.dumps(sb.contacts())
+
+
+# === Only loopback Host headers; the key from the environment (issue 14, item 7) =====================
+
+CONTACT = {"email": "a@example.com"}
+
+# --- Host ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.0.0.1.evil.example",
+                                  "localhost.evil.example:{port}", "10.0.0.1:{port}", "[::2]:{port}"])  # fmt: skip
+def test_foreign_host_is_421_in_each_way_ins_shape_and_changes_nothing(sandbox, host):
+    port = sandbox.url.rsplit(":", 1)[1]
+    headers = {"Host": host.format(port=port)}
+    with gateway(sandbox) as g, apollo(sandbox) as a:
+        rg = g.post(BULK, json={"contacts": [CONTACT]}, headers=headers)
+        ra = a.post(BULK, json={"contacts": [CONTACT]}, headers=headers)
+    assert rg.status_code == 421
+    err = rg.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["code"] == "misdirected_request"
+    assert "127.0.0.1" in err["message"] and err["request_id"].startswith("req_")
+    assert ra.status_code == 421 and ra.json()["status"] == 421 and "localhost" in ra.json()["message"]
+    assert sandbox.contacts() == [] and sandbox.stats()["requests"] == 0
+
+
+def test_foreign_host_cannot_read_or_reset_through_the_admin_routes(sandbox):
+    sandbox.seed([{"email": "kept@example.com"}])
+    with httpx.Client(base_url=sandbox.url, headers={"Host": "evil.example"}) as admin:
+        listed = admin.get("/_sandbox/contacts")
+        reset = admin.post("/_sandbox/reset")
+    assert listed.status_code == 421 and "contacts" not in listed.json()
+    assert reset.status_code == 421
+    assert [c["email"] for c in sandbox.contacts()] == ["kept@example.com"]
+
+
+def test_request_without_host_is_refused(sandbox):
+    port = int(sandbox.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /_sandbox/stats HTTP/1.1\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 421 ") and b"misdirected_request" in answer
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "127.0.0.1", "localhost", "localhost:{port}", "LocalHost",
+                                  "[::1]:{port}", "[::1]"])  # fmt: skip
+def test_loopback_hosts_are_answered(sandbox, host):
+    port = sandbox.url.rsplit(":", 1)[1]
+    with gateway(sandbox) as g:
+        r = g.post(BULK, json={"contacts": [CONTACT]}, headers={"Host": host.format(port=port)})
+    assert r.request.headers["Host"] == host.format(port=port) and r.status_code == 200
+    assert [c["email"] for c in r.json()["created_contacts"]] == ["a@example.com"]
+
+
+def test_the_default_client_host_is_answered(sandbox):
+    with gateway(sandbox) as g:
+        r = g.post(BULK, json={"contacts": [CONTACT]})
+    assert r.request.headers["Host"] == sandbox.url.removeprefix("http://") and r.status_code == 200
+
+
+def test_names_loopback_edges():
+    for good in ("127.0.0.1:8765", " localhost ", "::1", "[::1]:1", "localhost:"):
+        assert names_loopback(good), good
+    for bad in (None, "", "[::1", "[::1]x", "localhost:80x", "localhost:８０", "127.0.0.1:1:2", "127.0.0.01",
+                "localhost@evil.example", "evil.example#localhost"):
+        assert not names_loopback(bad), bad
+
+
+# --- The key from the environment ------------------------------------------------------------------------
+
+
+def test_cli_takes_the_key_from_the_environment_unless_given(monkeypatch):
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["--port", "0"])).api_key == KEY
+    monkeypatch.setenv(ENV_SANDBOX_KEY, "env-key")
+    assert config_from_args(parse(["--port", "0"])).api_key == "env-key"
+    assert config_from_args(parse(["--api-key", "flag-key"])).api_key == "flag-key"
+    monkeypatch.setenv(ENV_SANDBOX_KEY, "")
+    assert config_from_args(parse([])).api_key == KEY
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the child's command line from /proc")
+def test_sandbox_process_hands_its_key_over_by_environment_not_argv(monkeypatch):
+    secret = "sk-sandbox-not-in-ps"
+    monkeypatch.setenv(ENV_SANDBOX_KEY, "parent-key")  # the config's key wins over the parent's environment
+    with SandboxProcess(SandboxConfig(api_key=secret, rate=5)) as sb:
+        argv = Path(f"/proc/{sb.pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{sb.pid}/environ").read_bytes().split(b"\0")
+        with gateway(sb, secret) as ok, gateway(sb, "parent-key") as parent, gateway(sb) as default:
+            assert ok.post(BULK, json={"contacts": [CONTACT]}).status_code == 200
+            assert parent.post(BULK, json={"contacts": [CONTACT]}).status_code == 401
+            assert default.post(BULK, json={"contacts": [CONTACT]}).status_code == 401
+    assert not any(secret.encode() in arg for arg in argv) and b"--api-key" not in argv
+    assert b"--rate" in argv  # the other flags still go on the command line
+    assert f"{ENV_SANDBOX_KEY}={secret}".encode() in environ
+
+
+def test_sandbox_process_with_the_default_key_ignores_a_parent_key(monkeypatch):
+    monkeypatch.setenv(ENV_SANDBOX_KEY, "parent-key")
+    with SandboxProcess(SandboxConfig()) as sb, gateway(sb) as g:
+        assert g.post(BULK, json={"contacts": [CONTACT]}).status_code == 200

@@ -1,19 +1,30 @@
-"""apollo_sync.sources on local files and SQLite: formats agree, CSV details, and every bad input is one line."""
+"""apollo_sync.sources on local files and SQLite: formats agree, CSV details, and every bad input is one line.
+
+The last part is issue 14's safe reading (items 4b and 6): SQLite paths read as given, queries that only read,
+cursor values bound, an .xlsx opened once, JSON arrays refused above a size while NDJSON streams. PostgreSQL's side
+of the same promises is in tests/test_sources_services.py.
+"""
 
 from __future__ import annotations
 
 import csv
+import ctypes
+import hashlib
 import json
 import os
 import sqlite3
+import struct
+import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from apollo_sync import settings
 from apollo_sync.errors import InputError
 from apollo_sync.sources import Source, SourceOptions, detect_delimiter, read_source
+from apollo_sync.sources.sql import check_reads, connect
 
 COLUMNS = ["email", "first_name", "last_name", "organization_name", "zip", "phone"]
 ROWS = [
@@ -341,3 +352,226 @@ def test_every_format_gives_the_same_counts_after_cleaning(sources, kind):
 
     options = SourceOptions(query="contacts") if kind == "sqlite" else SourceOptions()
     assert counts(sources[kind], options) == counts(sources["csv"]) == (6, 6, 1)
+
+
+# === Safe reading (issue 14, items 4b and 6) ===========================================================
+
+
+def make_db(path: Path, emails: list[str]) -> Path:
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE people (id INTEGER, email TEXT)")
+        conn.executemany("INSERT INTO people VALUES (?, ?)", list(enumerate(emails, start=1)))
+    conn.close()
+    return path
+
+
+def emails(spec: str, options: SourceOptions = SourceOptions(query="people")) -> list[str]:
+    return read_source(spec, options).frame.collect()["email"].to_list()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- SQLite paths: read as given ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a#b?c%d e.db", "x#y.db", "50% off.db", "with space.db", "q?mode=rwc.db"])
+def test_sqlite_path_with_special_characters_reads_that_file_and_creates_none(tmp_path, name):
+    db = make_db(tmp_path / name, ["ada@example.com"])
+    before = sorted(os.listdir(tmp_path))
+    assert emails(f"sqlite:///{db}") == ["ada@example.com"]
+    assert sorted(os.listdir(tmp_path)) == before == [name]  # no stray file (a cut-off name, a journal)
+
+
+def test_sqlite_path_is_not_percent_decoded_when_the_name_as_given_exists(tmp_path):
+    make_db(tmp_path / "a%41.db", ["given@example.com"])
+    make_db(tmp_path / "aA.db", ["decoded@example.com"])
+    assert emails(f"sqlite:///{tmp_path}/a%41.db") == ["given@example.com"]
+
+
+def test_sqlite_percent_encoded_url_still_names_the_decoded_file(tmp_path):
+    make_db(tmp_path / "my file.db", ["ada@example.com"])
+    assert emails(f"sqlite:///{tmp_path}/my%20file.db") == ["ada@example.com"]
+    assert sorted(os.listdir(tmp_path)) == ["my file.db"]
+
+
+def test_sqlite_missing_file_with_special_characters_is_one_line_and_creates_nothing(tmp_path):
+    assert "does not exist" in bad(f"sqlite:///{tmp_path}/no#such?file.db", SourceOptions(query="people"))
+    assert os.listdir(tmp_path) == []
+
+
+# --- SQLite queries only read ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "INSERT INTO people VALUES (99, 'new@example.com')",
+        "UPDATE people SET email = 'changed@example.com'",
+        "  -- a comment first\n DELETE FROM people",
+        "/* SELECT */ DROP TABLE people",
+        "CREATE TABLE more (a TEXT)",
+        "ATTACH DATABASE '{dir}/new.db' AS other",
+        "PRAGMA user_version = 7",
+    ],
+)
+def test_sqlite_writing_query_is_refused_by_its_keyword_and_nothing_changes(tmp_path, query):
+    db = make_db(tmp_path / "c.db", ["ada@example.com", "grace@example.com"])
+    before = sha256(db)
+    message = bad(f"sqlite:///{db}", SourceOptions(query=query.format(dir=tmp_path)))
+    assert message.startswith("--query must only read") and "SELECT or a table name" in message
+    assert sha256(db) == before and sorted(os.listdir(tmp_path)) == ["c.db"]
+
+
+def test_sqlite_write_hidden_behind_with_is_refused_by_the_database(tmp_path):
+    """WITH passes the keyword check; the read-only connection refuses the DELETE it leads to."""
+    db = make_db(tmp_path / "c.db", ["ada@example.com", "grace@example.com"])
+    before = sha256(db)
+    message = bad(f"sqlite:///{db}", SourceOptions(query="WITH doomed AS (SELECT 1) DELETE FROM people"))
+    assert message.startswith("--query must only read, but it tried to change") and "readonly" in message
+    assert sha256(db) == before and sorted(os.listdir(tmp_path)) == ["c.db"]
+    assert emails(f"sqlite:///{db}") == ["ada@example.com", "grace@example.com"]
+
+
+def test_sqlite_connection_itself_is_read_only(tmp_path):
+    """``connect`` is what apollo_sync.partitions uses too: it cannot write whatever is sent on it."""
+    import adbc_driver_manager
+
+    db = make_db(tmp_path / "odd #name.db", ["ada@example.com"])
+    before = sha256(db)
+    conn = connect(f"sqlite:///{db}")
+    try:
+        with conn.cursor() as cursor, pytest.raises(adbc_driver_manager.Error, match="readonly"):
+            cursor.execute("DELETE FROM people")
+    finally:
+        conn.close()
+    assert sha256(db) == before
+
+
+def test_reading_queries_still_pass_the_keyword_check(tmp_path):
+    db = make_db(tmp_path / "c.db", ["ada@example.com", "grace@example.com"])
+    spec = f"sqlite:///{db}"
+    assert emails(spec, SourceOptions(query="-- newest first\nselect * from people order by id desc")) == [
+        "grace@example.com", "ada@example.com"]  # fmt: skip
+    assert emails(spec, SourceOptions(query="WITH p AS (SELECT * FROM people) SELECT * FROM p")) == [
+        "ada@example.com", "grace@example.com"]  # fmt: skip
+    for query in ("(SELECT 1)", "/* x */ ((select 1))", "VALUES (1)", "TABLE people", "with x as (select 1) select 1"):
+        check_reads(query)  # PostgreSQL takes all of these
+    for query in ("EXPLAIN SELECT 1", "", "'; DELETE FROM people", "SELECTED"):
+        with pytest.raises(InputError, match="--query must only read"):
+            check_reads(query)
+
+
+# --- Cursor values are parameters -------------------------------------------------------------------------
+
+
+def test_sqlite_cursor_value_with_quotes_is_bound_as_data(tmp_path):
+    db = make_db(tmp_path / "c.db", ["a@example.com", "o'brien@example.com", "zed@example.com"])
+    spec = f"sqlite:///{db}"
+    newer = read_source(spec, SourceOptions(query="people", cursor_column="email", cursor_after="o'b"))
+    assert newer.frame.collect()["email"].to_list() == ["o'brien@example.com", "zed@example.com"]
+    assert newer.cursor_max == "zed@example.com"
+    hostile = "zzz' OR '1'='1"  # spliced in without escaping, this would select every row
+    none = read_source(spec, SourceOptions(query="people", cursor_column="email", cursor_after=hostile))
+    assert none.frame.collect().height == 0 and none.cursor_max == hostile
+
+
+def test_sqlite_cursor_compares_as_the_column_does(tmp_path):
+    """Bound as text, the value still compares under the column's affinity: 10 > 9 as numbers."""
+    db = make_db(tmp_path / "c.db", [f"u{i}@example.com" for i in range(1, 11)])
+    source = read_source(f"sqlite:///{db}", SourceOptions(query="people", cursor_column="id", cursor_after="9"))
+    assert source.frame.collect()["id"].to_list() == ["10"] and source.cursor_max == "10"
+
+
+# --- An .xlsx is opened once -------------------------------------------------------------------------------
+
+_IN_ACCESS, _IN_CLOSE, _IN_OPEN = 0x001, 0x018, 0x020
+
+
+def count_opens(path: Path, action) -> int:
+    """How many times the kernel saw ``path`` opened while ``action()`` ran (inotify: opens made by polars' and
+    fastexcel's Rust code count as well as Python's). Access and close events are watched too, so that two opens
+    in a row are never merged into one event."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+    try:
+        if libc.inotify_add_watch(fd, os.fsencode(path), _IN_OPEN | _IN_ACCESS | _IN_CLOSE) < 0:
+            raise OSError(ctypes.get_errno(), "inotify_add_watch failed")
+        action()
+        events = b""
+        while True:
+            try:
+                events += os.read(fd, 65536)
+            except BlockingIOError:
+                break
+    finally:
+        os.close(fd)
+    opens, offset = 0, 0
+    while offset < len(events):
+        _, mask, _, length = struct.unpack_from("iIII", events, offset)
+        opens += bool(mask & _IN_OPEN)
+        offset += 16 + length
+    return opens
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts opens with Linux inotify")
+def test_xlsx_is_opened_once(tmp_path):
+    path = tmp_path / "contacts.xlsx"
+    pl.DataFrame({"email": ["a@x.com", "b@x.com"], "zip": ["02134", "00501"]}).write_excel(path)
+
+    def twice() -> None:
+        for _ in range(2):
+            with open(path, "rb") as fh:
+                fh.read(1)
+
+    assert count_opens(path, twice) == 2  # the counter sees every open
+    found: list = []
+    assert count_opens(path, lambda: found.append(read_source(str(path)))) == 1
+    (source,) = found
+    assert count_opens(path, source.frame.collect) == 0  # the frame holds the sheet: no read later either
+    assert source.frame.collect().rows() == [(1, "a@x.com", "02134"), (2, "b@x.com", "00501")]
+    assert source.fingerprint == read_source(str(path)).fingerprint
+
+
+# --- JSON arrays above a size are refused; NDJSON streams --------------------------------------------------
+
+CONTACT = {"email": "someone@example.com", "first_name": "Ada", "organization_name": "Analytical Engines"}
+
+
+def test_json_array_over_the_limit_is_refused_in_one_line_and_ndjson_of_that_size_streams(tmp_path, monkeypatch):
+    monkeypatch.setattr(settings, "JSON_ARRAY_MAX_BYTES", 20_000)
+    rows = [dict(CONTACT, email=f"user{i}@example.com") for i in range(400)]
+    array = tmp_path / "contacts.json"
+    array.write_text(json.dumps(rows))
+    lines = tmp_path / "contacts.ndjson"
+    lines.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert array.stat().st_size > 20_000 and lines.stat().st_size > 20_000
+
+    message = bad(str(array), SourceOptions())
+    assert f"JSON array of {array.stat().st_size:,} bytes" in message and "20,000 bytes" in message
+    assert "convert it to NDJSON" in message and "jq -c '.[]' contacts.json > contacts.ndjson" in message
+
+    source = read_source(str(lines))
+    plan = source.frame.explain()
+    assert "NDJSON SCAN" in plan.upper() and "DF [" not in plan  # scanned from the file, not loaded whole
+    frame = source.frame.collect()
+    assert frame.height == 400 and frame["email"][399] == "user399@example.com"
+
+
+def test_json_array_within_the_limit_and_the_default_limit(tmp_path, monkeypatch):
+    assert settings.JSON_ARRAY_MAX_BYTES == 100_000_000
+    path = tmp_path / "contacts.json"
+    path.write_text(json.dumps([CONTACT]))
+    monkeypatch.setattr(settings, "JSON_ARRAY_MAX_BYTES", path.stat().st_size)  # at the limit: still read
+    assert read_source(str(path)).frame.collect()["email"].to_list() == ["someone@example.com"]
+
+
+def test_big_json_that_is_not_an_array_gets_the_ndjson_advice_not_the_size_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(settings, "JSON_ARRAY_MAX_BYTES", 100)
+    path = tmp_path / "contacts.json"
+    path.write_text("".join(json.dumps(CONTACT) + "\n" for _ in range(10)))
+    message = bad(str(path), SourceOptions())
+    assert "--format ndjson" in message and "MB" not in message and "bytes" not in message

@@ -175,3 +175,88 @@ def test_http_csv(web_root):
     source = read_source(f"{url}/contacts.csv")
     assert source.frame.collect().rows() == [(1, "a@x.com", "Ada")]
     assert source.uri == f"{url}/contacts.csv"
+
+
+# --- Read-only sessions and bound cursor values (issue 14, item 6) ------------------------------------------
+
+
+def people_rows(pg) -> list[tuple]:
+    """Every row of ``people``, and whether a table ``more`` exists, over a connection of the test's own."""
+    import adbc_driver_postgresql.dbapi as driver
+
+    with driver.connect(pg.url, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT id, email, zip, score::text, updated_at::text FROM people ORDER BY id")
+        rows = cur.fetchall()
+        cur.execute("SELECT to_regclass('more') IS NOT NULL")
+        rows.append(("more exists", cur.fetchone()[0]))
+        cur.execute("SELECT to_regclass('people_ids') IS NULL OR (SELECT NOT is_called FROM people_ids)")
+        return [*rows, ("sequence unused", cur.fetchone()[0])]
+
+
+@pytest.mark.parametrize("query", [
+    "INSERT INTO people (id, email) VALUES (99, 'new@example.com')",
+    "UPDATE people SET email = 'changed@example.com'",
+    "DELETE FROM people",
+    "CREATE TABLE more (a text)",
+    "DROP TABLE people",
+    "WITH doomed AS (DELETE FROM people RETURNING *) SELECT * FROM doomed",
+    "SELECT * FROM people FOR UPDATE",
+    "SELECT set_config('default_transaction_read_only', 'off', false), nextval('people_ids')",
+])  # fmt: skip
+def test_postgres_writing_query_is_refused_and_nothing_changes(people, query):
+    import adbc_driver_postgresql.dbapi as driver
+
+    with driver.connect(people.url, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("CREATE SEQUENCE IF NOT EXISTS people_ids")
+    before = people_rows(people)
+    message = one_line_error(people.url, SourceOptions(query=query))
+    assert message.startswith("--query must only read") and "SELECT or a table name" in message
+    assert people_rows(people) == before
+
+
+def test_postgres_write_behind_with_is_refused_by_the_read_only_transaction(people):
+    before = people_rows(people)
+    query = "WITH doomed AS (DELETE FROM people RETURNING *) SELECT * FROM doomed"
+    message = one_line_error(people.url, SourceOptions(query=query))
+    assert "tried to change" in message and "read-only transaction" in message
+    assert people_rows(people) == before
+
+
+def test_postgres_connection_itself_is_read_only(people):
+    """``connect`` is what apollo_sync.partitions uses too: nothing sent on it can write, in any transaction."""
+    import adbc_driver_manager
+
+    from apollo_sync.sources.sql import connect
+
+    before = people_rows(people)
+    conn = connect(people.url)
+    try:
+        with conn.cursor() as cur:
+            with pytest.raises(adbc_driver_manager.Error) as info:
+                cur.execute("DELETE FROM people")
+            assert info.value.sqlstate == "25006"
+        conn.rollback()  # a new transaction: read-only as well
+        with conn.cursor() as cur:
+            cur.execute("SELECT current_setting('transaction_read_only')")
+            assert cur.fetchone() == ("on",)
+    finally:
+        conn.close()
+    assert people_rows(people) == before
+
+
+def test_postgres_cursor_value_with_quotes_is_bound_as_data(people):
+    """With standard_conforming_strings off a backslash escapes a quote, so a value spliced in as a doubled-quote
+    literal would end the string early and select every row; bound, it is only a value."""
+    url = people.url + "?options=-c%20standard_conforming_strings%3Doff%20-c%20escape_string_warning%3Doff"
+    hostile = "zzz\\' OR TRUE --"
+    none = read_source(url, SourceOptions(query="people", cursor_column="email", cursor_after=hostile))
+    assert none.frame.collect().height == 0 and none.cursor_max == hostile
+    quoted = read_source(people.url, SourceOptions(query="people", cursor_column="email", cursor_after="b'"))
+    assert quoted.frame.collect()["email"].to_list() == ["grace@example.com"]
+
+
+def test_postgres_bad_cursor_value_and_missing_cursor_column(people):
+    message = one_line_error(people.url, SourceOptions(query="people", cursor_column="id", cursor_after="ten"))
+    assert "query failed" in message and "ten" in message
+    missing = one_line_error(people.url, SourceOptions(query="people", cursor_column="nope", cursor_after="1"))
+    assert "--cursor-column nope is not a column" in missing and "email" in missing

@@ -5,10 +5,13 @@ A source is named by one string (the CLI's ``SOURCE``):
 - a local path or glob: ``contacts.csv``, ``exports/*.csv``; format from the extension (``.csv``, ``.tsv``,
   ``.parquet``, ``.json`` = array of objects, ``.ndjson``/``.jsonl``, ``.xlsx`` = first sheet) or
   ``SourceOptions.format``. A glob's files are read in sorted order, their columns unioned by name, and
-  ``source_row`` keeps counting across files (:mod:`.files`).
+  ``source_row`` keeps counting across files (:mod:`.files`). An .xlsx is opened once; a JSON array over
+  ``settings.JSON_ARRAY_MAX_BYTES`` is refused (it is parsed whole): NDJSON of any size is streamed.
 - ``sqlite:///path.db`` or ``postgresql://user:pw@host:port/db`` with ``SourceOptions.query`` (a SELECT or a bare
-  table name), read through ADBC. With ``cursor_column`` only rows whose cursor is greater than
-  ``cursor_after`` are read, and ``Source.cursor_max`` reports the new high-water mark (:mod:`.sql`).
+  table name), read through ADBC, read-only: a query that would write is refused, by apollo-sync and by the
+  database. The SQLite path is taken as given (``#``, ``?``, ``%`` and spaces included). With ``cursor_column``
+  only rows whose cursor is greater than ``cursor_after`` (bound as a parameter, never spliced into the SQL) are
+  read, and ``Source.cursor_max`` reports the new high-water mark (:mod:`.sql`).
 - ``s3://bucket/key`` and ``https://...`` read by polars' own object-store support, credentials from the
   standard ``AWS_*`` variables, ``AWS_ENDPOINT_URL`` for an S3-compatible server (:mod:`.remote`).
 

@@ -112,12 +112,13 @@ def given_delimiter(given: str | None, fmt: str) -> str | None:
     return None
 
 
-def scan(target: str | Path, fmt: str, shown: str, *, delimiter: str = ",", head_text: str = "",
+def scan(target: str | Path | bytes, fmt: str, shown: str, *, delimiter: str = ",", head_text: str = "",
          storage_options: dict[str, str] | None = None) -> pl.LazyFrame:
     """The polars scan for one file or object, every column turned to text, blank rows dropped.
 
-    ``shown`` names the source in errors; ``delimiter`` is used for CSV/TSV only; ``head_text`` (the decoded
-    head of a local file, ``""`` when there is none) tells a JSON array from NDJSON.
+    ``target`` is a path or URL (for xlsx also the workbook's bytes, read once by the caller); ``shown`` names the
+    source in errors; ``delimiter`` is used for CSV/TSV only; ``head_text`` (the decoded head of a local file, ``""``
+    when there is none) tells a JSON array from NDJSON.
     """
     try:
         if fmt in ("csv", "tsv"):

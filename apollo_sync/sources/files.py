@@ -5,6 +5,10 @@ files. Text files are hashed and decoded in one streaming pass (binary data and 
 non-UTF-8 text is transcoded into a UTF-8 spill file, since polars reads only UTF-8. Every file is parsed once in
 :func:`read_files`, so a malformed one fails before anything is sent, as one line. The fingerprint hashes the
 files' bytes plus the options that change the frame.
+
+An ``.xlsx`` is opened once: its bytes are read into memory, hashed and parsed from there (a workbook is a zip that
+is read whole in any case). A JSON array is parsed whole by polars, so one larger than
+``settings.JSON_ARRAY_MAX_BYTES`` is refused, with the advice to convert it to NDJSON, which is scanned in a stream.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import hashlib
 import io
 import os
 import re
+import shlex
 from pathlib import Path
 
 import polars as pl
 
+from apollo_sync import settings
 from apollo_sync.errors import InputError
 from apollo_sync.sources.base import (
     DELIMITERS,
@@ -88,6 +94,8 @@ def expand_files(spec: str) -> list[Path]:
 def _scan_file(path: Path, options: SourceOptions) -> tuple[pl.LazyFrame, str]:
     """A lazy, all-text frame for one file (no source_row yet) and the sha256 of its bytes."""
     fmt = file_format(path.name, options)
+    if fmt == "xlsx":
+        return _scan_workbook(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -95,17 +103,46 @@ def _scan_file(path: Path, options: SourceOptions) -> tuple[pl.LazyFrame, str]:
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}; check its permissions") from None
     if size == 0:
-        raise InputError(f"{path} is empty (0 bytes): export the contacts again or pick another file")
+        raise InputError(_empty(path))
     if fmt in TEXT_FORMATS:
         scan_path, sha, head_text = _checked_text(path, head, options.encoding)
     else:
         scan_path, sha, head_text = path, sha256_file(path), ""
+    if fmt == "json" and size > settings.JSON_ARRAY_MAX_BYTES and head_text.lstrip().startswith("["):
+        limit = _megabytes(settings.JSON_ARRAY_MAX_BYTES)
+        raise InputError(
+            f"{path} is a JSON array of {_megabytes(size)}, and arrays over {limit} are not read (they are parsed "
+            f"whole, in memory): convert it to NDJSON, one object per line, which is streamed "
+            f"(jq -c '.[]' {shlex.quote(path.name)} > {shlex.quote(path.stem + '.ndjson')})"
+        )
     delimiter = ","
     if fmt in ("csv", "tsv"):
         delimiter = given_delimiter(options.delimiter, fmt) or detect_delimiter(head_text)
     frame = scan(scan_path, fmt, str(path), delimiter=delimiter, head_text=head_text)
     _check_parses(frame, path.name, fmt)
     return frame, sha
+
+
+def _scan_workbook(path: Path) -> tuple[pl.LazyFrame, str]:
+    """The first sheet of an .xlsx and the sha256 of its bytes, from one read of the file."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}; check its permissions") from None
+    if not data:
+        raise InputError(_empty(path))
+    frame = scan(data, "xlsx", str(path))
+    _check_parses(frame, path.name, "xlsx")
+    return frame, hashlib.sha256(data).hexdigest()
+
+
+def _empty(path: Path) -> str:
+    return f"{path} is empty (0 bytes): export the contacts again or pick another file"
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:,.0f} MB" if size >= 1_000_000 else f"{size:,} bytes"
 
 
 def _checked_text(path: Path, head: bytes, encoding: str) -> tuple[Path, str, str]:

@@ -4,6 +4,23 @@
 than ``cursor_after`` are read, and ``Source.cursor_max`` reports the new high-water mark. The result is streamed
 once, as text, into a Parquet spill file that is scanned like any other source, so memory stays bounded.
 
+Sources only read. A query that does not start with SELECT, WITH, VALUES or TABLE is refused before it is sent,
+and the database itself refuses any write the query hides (a data-modifying CTE, a function with side effects):
+SQLite is opened ``mode=ro``; on PostgreSQL every transaction of the session is read-only and none is committed.
+Either way the read stops with one InputError line and nothing in the database has changed.
+
+The SQLite path is the rest of the URL as given: ``sqlite:////data/a#b?c%d e.db`` names the file ``a#b?c%d e.db``
+(only when no file has that name is the path percent-decoded, for URLs written as ``my%20file.db``). It reaches
+SQLite as a ``file:`` URI with the path percent-encoded, so no ``#`` or ``?`` in a name can cut off ``mode=ro``
+or make SQLite open (and create) another file.
+
+The cursor value is a parameter, never SQL text. SQLite binds it (``WHERE c > ?``), compared under the column's
+affinity as a literal would be. PostgreSQL streams results only for statements without parameters (COPY); bound
+parameters make libpq hold the whole result in memory (2M rows: 1 GB peak against 0.2 GB streamed). So the value
+is bound once into a transaction-local setting, ``set_config('apollo_sync.cursor_after', $1, true)``, and the
+query compares ``c > CAST(current_setting('apollo_sync.cursor_after') AS <c's type>)``, the type asked of the
+server (``pg_typeof``), since a text parameter compares with no integer or timestamp.
+
 Why ADBC rather than connectorx: ADBC streams Arrow record batches (``fetch_record_batch``), so a large table goes
 to the spill file batch by batch instead of into memory whole; its errors are typed DB-API exceptions with
 SQLSTATE, which lets a bad query and an unreachable server get different messages; and the PostgreSQL driver is
@@ -32,6 +49,15 @@ from apollo_sync.sources.base import Source, SourceOptions, first_line, numbered
 from apollo_sync.sources.spill import spill_path
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
+_LEADING = re.compile(r"\s+|--[^\n]*|/\*.*?\*/|\(", re.S)
+"""What may come before a statement's first keyword: blanks, comments, opening parentheses."""
+_KEYWORD = re.compile(r"[A-Za-z]+")
+READ_KEYWORDS = ("SELECT", "WITH", "VALUES", "TABLE")
+"""The first keywords of a query that reads; any other (INSERT, DELETE, CREATE, ATTACH, PRAGMA...) is refused."""
+_WRITE_REFUSED = ("in a read-only transaction", "attempt to write a readonly database")
+"""How a refused write reads when it comes without a SQLSTATE (mid-stream, as an Arrow error)."""
+CURSOR_SETTING = "apollo_sync.cursor_after"
+"""The transaction-local PostgreSQL setting the cursor value is bound into (see the module docstring)."""
 
 
 def read_sql(spec: str, options: SourceOptions) -> Source:
@@ -43,10 +69,8 @@ def read_sql(spec: str, options: SourceOptions) -> Source:
     table = query if is_identifier(query) else None
     if table:
         query = table_query(table)
-    if options.cursor_column:
-        query = f"SELECT * FROM ({query}) AS apollo_sync_source"
-        if options.cursor_after is not None:
-            query += f" WHERE {quote_identifier(options.cursor_column)} > {quote_literal(options.cursor_after)}"
+    else:
+        check_reads(query)
     what = f"table {table}" if table else "query"
     if _kind(spec) == "sqlite":
         path = _sqlite_path(spec)
@@ -56,7 +80,7 @@ def read_sql(spec: str, options: SourceOptions) -> Source:
         uri = _postgres_uri(spec)
         description = f"postgresql {what}"
     spill, cursor_max = _spill_query(spec, query, options, shown)
-    # URL (no password) + query + cursor, as planned, plus the rows themselves (the spill file is written
+    # URL (no password) + query + cursor, as asked, plus the rows themselves (the spill file is written
     # deterministically): a table that changed under the same query must not hit a cached transform.
     key = "\0".join([shown, query, options.cursor_column or "", options.cursor_after or "", sha256_file(spill)])
     fingerprint = hashlib.sha256(key.encode()).hexdigest()
@@ -67,20 +91,42 @@ def read_sql(spec: str, options: SourceOptions) -> Source:
 
 
 def connect(spec: str):
-    """An ADBC DB-API connection to ``spec``: SQLite read-only, PostgreSQL in autocommit.
+    """An ADBC DB-API connection to ``spec`` that can only read.
 
-    Raises ``adbc_driver_manager.Error`` when the server refuses (pass it through :func:`driver_message` and
-    :func:`scrub` before showing it), InputError for a SQLite file that does not exist.
+    SQLite: the file opened ``mode=ro`` through a ``file:`` URI whose path is percent-encoded. PostgreSQL: every
+    transaction of the session read-only, and not in autocommit: what runs on it is never committed, and closing
+    the connection ends it. Raises ``adbc_driver_manager.Error`` when the server refuses (pass it through
+    :func:`driver_message` and :func:`scrub` before showing it), InputError for a SQLite file that does not exist.
     """
     if _kind(spec) == "sqlite":
         import adbc_driver_sqlite.dbapi as driver
 
-        path = _sqlite_path(spec)
-        return driver.connect(f"file:{path.resolve()}?mode=ro")
+        return driver.connect(_sqlite_path(spec).resolve().as_uri() + "?mode=ro")
     import adbc_driver_postgresql.dbapi as driver
 
     url = "postgresql://" + spec.split("://", 1)[1]
-    return driver.connect(url, autocommit=True)
+    conn = driver.connect(url, autocommit=False)
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        conn.commit()  # the setting holds once committed; the transaction begun next is read-only already
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def check_reads(query: str) -> None:
+    """Refuse, as one InputError line, a query whose first keyword is not one of :data:`READ_KEYWORDS`."""
+    pos = 0
+    while (match := _LEADING.match(query, pos)) is not None:
+        pos = match.end()
+    keyword = _KEYWORD.match(query, pos)
+    word = keyword.group(0).upper() if keyword else ""
+    if word not in READ_KEYWORDS:
+        what = f"starts with {word}" if word else "does not start with SELECT"
+        raise InputError(f"--query must only read, but it {what}: give a SELECT or a table name "
+                         "(SQL sources are opened read-only)")
 
 
 def is_identifier(query: str) -> bool:
@@ -99,17 +145,51 @@ def quote_identifier(name: str) -> str:
 
 
 def quote_literal(value: str) -> str:
-    """A SQL string literal. Both databases coerce it to the column's type (integer, timestamp, text)."""
+    """A SQL string literal. Both databases coerce it to the column's type (integer, timestamp, text).
+
+    For key boundaries the database gave (``apollo_sync.partitions``); a source's cursor value is bound as a
+    parameter instead.
+    """
+    return "'" + _without_nul(value).replace("'", "''") + "'"
+
+
+def _without_nul(value: str) -> str:
+    """``value`` as it may be sent: InputError for a NUL character, which neither database stores in text."""
     if "\0" in value:
         raise InputError("the cursor value contains a NUL character: reset the mark in the state dir")
-    return "'" + value.replace("'", "''") + "'"
+    return value
+
+
+def _cursor_filter(cursor, spec: str, query: str, options: SourceOptions) -> tuple[str, tuple[str, ...] | None]:
+    """``query`` narrowed to rows whose cursor is greater than ``options.cursor_after``, and what to bind to it.
+
+    SQLite binds the value; on PostgreSQL it is bound here, on ``cursor``, into :data:`CURSOR_SETTING` and the
+    statement returned has no parameter, so its result streams (see the module docstring).
+    """
+    if not options.cursor_column:
+        return query, None
+    inner = f"SELECT * FROM ({query}) AS apollo_sync_source"
+    if options.cursor_after is None:
+        return inner, None
+    column = quote_identifier(options.cursor_column)
+    value = _without_nul(options.cursor_after)
+    if _kind(spec) == "sqlite":
+        return f"{inner} WHERE {column} > ?", (value,)
+    cursor.execute(
+        f"SELECT set_config('{CURSOR_SETTING}', $1, true), "
+        f"pg_typeof((SELECT {column} FROM ({query}) AS apollo_sync_source LIMIT 0))::text",
+        (value,),
+    )
+    type_name = cursor.fetchone()[1]  # the server's own spelling, quoted where it needs quotes
+    return f"{inner} WHERE {column} > CAST(current_setting('{CURSOR_SETTING}') AS {type_name})", None
 
 
 def driver_message(exc: BaseException) -> str:
     """The driver's message without the ADBC status prefix and the echoed query."""
     text = first_line(exc)
     text = re.sub(r"^[A-Z_]+: ", "", text)
-    text = re.sub(r"^(\[libpq\] )?(Failed to (prepare|execute) query: )?(ERROR:\s+)?", "", text)
+    text = re.sub(r"^(\[libpq\] |\[SQLite\] )?(Failed to (prepare|execute|step) query: |Execution error \[\w+\]: )?"
+                  r"(could not begin COPY: )?(ERROR:\s+)?", "", text)
     return text.strip() or type(exc).__name__
 
 
@@ -125,15 +205,25 @@ def _kind(spec: str) -> str:
 
 
 def _sqlite_path(spec: str) -> Path:
-    """sqlite:////abs.db and sqlite:///abs.db name /abs.db; sqlite:///rel.db names rel.db if /rel.db is absent."""
-    raw = unquote(spec.split("://", 1)[1].split("?", 1)[0])
-    path = Path(raw[1:] if raw.startswith("//") else raw).expanduser()
-    if not path.exists() and raw.startswith("/") and Path(raw[1:]).exists():
-        path = Path(raw[1:])
+    """The file a ``sqlite://`` URL names, read as given (``#``, ``?``, ``%`` and spaces are part of the name).
+
+    sqlite:////abs.db and sqlite:///abs.db name /abs.db; sqlite:///rel.db names rel.db if /rel.db is absent.
+    Only when no file has the name as given is it percent-decoded (``my%20file.db`` for ``my file.db``).
+    """
+    given = spec.split("://", 1)[1]
+    candidates = [_sqlite_candidate(raw) for raw in dict.fromkeys((given, unquote(given)))]
+    path = next((p for p in candidates if p.exists()), candidates[0])
     if not path.is_file():
         raise InputError(f"SQLite database {path} does not exist: check the path (sqlite:///relative.db or sqlite:////abs/path.db)")
     if path.stat().st_size == 0:
         raise InputError(f"SQLite database {path} is empty (0 bytes): check the path")
+    return path
+
+
+def _sqlite_candidate(raw: str) -> Path:
+    path = Path(raw[1:] if raw.startswith("//") else raw).expanduser()
+    if not path.exists() and raw.startswith("/") and Path(raw[1:]).exists():
+        path = Path(raw[1:])
     return path
 
 
@@ -162,11 +252,15 @@ def _spill_query(spec: str, query: str, options: SourceOptions, shown: str) -> t
     maxima = []
     try:
         cursor = conn.cursor()
-        cursor.execute(query)
+        if options.cursor_column:
+            cursor.execute(f"SELECT * FROM ({query}) AS apollo_sync_source LIMIT 0")
+            names = [d[0] for d in cursor.description]
+            if options.cursor_column not in names:
+                raise InputError(f"--cursor-column {options.cursor_column} is not a column of the query result: pick one of {', '.join(names)}")
+        statement, parameters = _cursor_filter(cursor, spec, query, options)
+        cursor.execute(statement, parameters)
         reader = cursor.fetch_record_batch()
         names = reader.schema.names
-        if options.cursor_column and options.cursor_column not in names:
-            raise InputError(f"--cursor-column {options.cursor_column} is not a column of the query result: pick one of {', '.join(names)}")
         schema = pa.schema([(n, pa.string()) for n in names])
         with pq.ParquetWriter(path, schema) as writer:
             for batch in reader:
@@ -178,8 +272,11 @@ def _spill_query(spec: str, query: str, options: SourceOptions, shown: str) -> t
                 writer.write_batch(pa.record_batch([_text_array(batch.column(i)) for i in range(len(names))], schema=schema))
     except InputError:
         raise
-    except adbc_driver_manager.Error as exc:
+    except (adbc_driver_manager.Error, pa.ArrowException) as exc:  # a failure mid-stream comes as an Arrow error
         reason = scrub(driver_message(exc), password)
+        if _refused_write(exc):
+            raise InputError(f"--query must only read, but it tried to change {shown} ({reason}): give a SELECT or a "
+                             "table name (SQL sources are opened read-only)") from None
         raise InputError(f"the query failed on {shown}: {reason}; check --query") from None
     finally:
         conn.close()
@@ -188,6 +285,12 @@ def _spill_query(spec: str, query: str, options: SourceOptions, shown: str) -> t
         top = max(maxima, key=lambda s: s.as_py())
         cursor_max = _text_array(pa.array([top.as_py()], type=top.type))[0].as_py()
     return path, cursor_max
+
+
+def _refused_write(exc: BaseException) -> bool:
+    """A write the database refused: PostgreSQL's SQLSTATE 25006 (read-only transaction), SQLite's SQLITE_READONLY."""
+    text = str(exc)
+    return getattr(exc, "sqlstate", None) == "25006" or any(t in text for t in _WRITE_REFUSED)
 
 
 def _unwrap(array):
