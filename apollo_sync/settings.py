@@ -101,3 +101,7 @@ MAX_CELL_BYTES = 10_000
 titles and URLs run to a few hundred characters); a longer cell is nearly always a broken quote that swallowed
 the rows after it, so its row is rejected (:data:`REJECT_TOO_LARGE`) rather than sent."""
 REJECT_TOO_LARGE = "too_large"
+MAX_REQUEST_BYTES = 4_000_000
+"""Largest request body apollo-sync sends (4 MB). A chunk whose contacts would make a larger body is split in halves
+before anything is sent; with cells bounded by :data:`MAX_CELL_BYTES` a single contact stays far below it, and a
+contact that does not is failed with the reason, never sent."""

@@ -294,3 +294,20 @@ def test_after_a_timeout_the_retry_waits_for_the_first_request_to_settle(sandbox
     assert set(result.outcomes["outcome"]) == ({"created"} if duplicates and first_retry_answered else {"existing"})
     if not duplicates:
         assert result.outcomes["reason"].str.contains("matched on a retry").all()
+
+
+def test_a_chunk_whose_body_would_be_too_large_is_split_before_anything_is_sent(sandbox, monkeypatch):
+    from apollo_sync import settings
+
+    monkeypatch.setattr(settings, "MAX_REQUEST_BYTES", 2_000)  # a few contacts' worth
+    frame = make_contacts(40)
+
+    async def go():
+        async with ApolloClient(sandbox.gateway_base_url, sandbox.config.api_key) as client:
+            session = LoadSession(client, Pacer(), None, LoadConfig(target="t", chunk_size=40))
+            return await session.load(session.make_chunks(frame)), session
+
+    result, session = asyncio.run(go())
+    assert set(result.outcomes["outcome"]) == {"created"} and result.outcomes.height == 40
+    assert sandbox.stats()["requests"] == session.stats.requests > 1  # split, not one 40-contact request
+    assert sandbox.stats()["max_contacts_in_request"] < 40

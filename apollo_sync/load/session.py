@@ -185,7 +185,7 @@ class LoadSession:
         call = LoadStats()
         results: list[pl.DataFrame | None] = [None] * len(chunks)
         pending = iter(range(len(chunks)))
-        heartbeat = asyncio.create_task(self._heartbeat()) if self.ledger is not None and chunks else None
+        heartbeat = asyncio.create_task(renew_claims(self.ledger, self.config.run_id)) if self.ledger and chunks else None
         try:
             async with asyncio.TaskGroup() as group:
 
@@ -205,17 +205,6 @@ class LoadSession:
         frames = [frame for frame in results if frame is not None]
         outcomes = pl.concat(frames) if frames else pl.DataFrame(schema=OUTCOMES_SCHEMA)
         return GroupResult(outcomes, call, self.stopped)
-
-    async def _heartbeat(self) -> None:
-        """Renew this run's claims in the ledger while chunks are loading (a failed renewal is only logged).
-
-        Real time on purpose (not the injected ``sleep``): the lease is measured by other runs' clocks."""
-        while True:
-            await asyncio.sleep(settings.HEARTBEAT_SECONDS)
-            try:
-                self.ledger.heartbeat(self.config.run_id)  # type: ignore[union-attr]
-            except Exception as exc:  # noqa: BLE001 - the lease is long; the next beat or claim renews it
-                logger.warning("could not renew the run's claims in the ledger: %s", type(exc).__name__)
 
     async def _load_chunk(self, chunk: Chunk, call: LoadStats) -> tuple[pl.DataFrame, pl.DataFrame | None, int]:
         """Claim, send (create, or in upsert mode :func:`~apollo_sync.load.upsert.upsert`); returns (outcomes of every
@@ -261,7 +250,10 @@ class LoadSession:
                 await done
 
     async def create(self, rows: RequestRows, dedupe: bool, call: LoadStats) -> list[RowOutcome]:
-        """Create ``rows`` in one request, then retry, split or give up as the policy decides; one outcome per row."""
+        """Create ``rows`` in one request, then retry, split or give up as the policy decides; one outcome per row.
+        Rows whose body would pass ``MAX_REQUEST_BYTES`` are split before anything is sent."""
+        if body_bytes(rows.payload) > settings.MAX_REQUEST_BYTES:
+            return await create_in_halves(self, rows, dedupe, call)
 
         async def send(with_dedupe: bool) -> BulkCreateResponse:
             if with_dedupe and not self.config.run_dedupe:
@@ -388,6 +380,32 @@ def give_up(size: int, outcome: str, reason: str) -> list[RowOutcome]:
     """``size`` rows end as ``outcome`` (failed or unconfirmed) with ``reason``, which is logged."""
     logger.warning("%d rows %s: %s", size, outcome, reason)
     return [RowOutcome(outcome, None, reason) for _ in range(size)]
+
+
+async def renew_claims(ledger: Ledger, run_id: str) -> None:
+    """Renew ``run_id``'s claims in the ledger while chunks are loading (a failed renewal is only logged).
+
+    Real time on purpose (not the session's ``sleep``): the lease is measured by other runs' clocks."""
+    while True:
+        await asyncio.sleep(settings.HEARTBEAT_SECONDS)
+        try:
+            ledger.heartbeat(run_id)
+        except Exception as exc:  # noqa: BLE001 - the lease is long; the next beat or claim renews it
+            logger.warning("could not renew the run's claims in the ledger: %s", type(exc).__name__)
+
+
+async def create_in_halves(session: LoadSession, rows: RequestRows, dedupe: bool, call: LoadStats) -> list[RowOutcome]:
+    """Rows too large for one request body, created half by half; one contact that alone is too large fails."""
+    if len(rows) == 1:
+        return give_up(1, "failed", f"not sent: the contact's body passes {settings.MAX_REQUEST_BYTES:,} bytes")
+    middle = len(rows) // 2
+    first = await session.create(rows.slice(0, middle), dedupe, call)
+    return first + await session.create(rows.slice(middle, len(rows)), dedupe, call)
+
+
+def body_bytes(payloads: Sequence[str]) -> int:
+    """About the size of the request body carrying ``payloads`` (UTF-8, plus the list's punctuation and options)."""
+    return sum(len(p.encode("utf-8")) + 1 for p in payloads) + 128
 
 
 def created_outcomes(rows: RequestRows, answer: BulkCreateResponse, tries: Tries) -> tuple[list[RowOutcome], int]:
