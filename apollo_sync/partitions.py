@@ -230,6 +230,7 @@ def merge_summaries(
     """
     merged: dict[str, object] = {key: 0 for key in SUMMED_KEYS}
     rejected: dict[str, int] = {}
+    phone_drops: dict[str, int] = {}
     unmapped: set[str] = set()
     lines = []
     for i, (summary, part) in enumerate(zip(children, partitions)):
@@ -240,6 +241,8 @@ def merge_summaries(
                 merged[key] += int(summary.get(key) or 0)  # type: ignore[operator]
             for reason, count in (summary.get("rejected") or {}).items():  # type: ignore[union-attr]
                 rejected[reason] = rejected.get(reason, 0) + int(count)
+            for reason, count in (summary.get("phones_dropped_by_reason") or {}).items():  # type: ignore[union-attr]
+                phone_drops[reason] = phone_drops.get(reason, 0) + int(count)
             unmapped.update(summary.get("unmapped_columns") or [])  # type: ignore[arg-type]
             line |= {key: summary.get(key, 0) for key in ("rows_read", "created", "updated", "existing", "failed",
                                                           "unconfirmed", "unchanged", "duplicates_in_source")}  # fmt: skip
@@ -249,6 +252,7 @@ def merge_summaries(
         if not merged[dry]:
             del merged[dry]
     merged["rejected"] = dict(sorted(rejected.items()))
+    merged["phones_dropped_by_reason"] = dict(sorted(phone_drops.items()))
     merged["unmapped_columns"] = sorted(unmapped)
     merged["seconds"] = round(seconds, 3)
     merged["partitions"] = lines

@@ -191,6 +191,7 @@ def write_run_report(run: SyncRun, prepared: Prepared, plan: Plan, sent: list[Gr
             "dry_run": plan.dry_run,
             "unmapped_columns": prepared.unmapped_columns,
             "phones_dropped": prepared.phones_dropped,
+            "phones_dropped_by_reason": prepared.phones_dropped_by_reason,  # invalid, unparseable
             "rate_limited": stats.get("http_429", 0),
             "claimed_elsewhere": stats.get("claimed_elsewhere", 0),  # counted in duplicates_in_source too
             "report_dir": str(run.report_dir.resolve()),

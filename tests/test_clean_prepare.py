@@ -146,14 +146,17 @@ def test_phones_become_e164_and_unusable_ones_are_dropped_and_counted() -> None:
         "+14155550123", "+14155550123", "+14155550123", "+442079460958", "+442079460958",
         None, None, None, None, "+4930901820",
     ]
+    assert p.phones_dropped_by_reason == {"invalid": 2, "unparseable": 1}  # 020... in US and 123; "call me"
     assert p.phones_dropped == 3
 
 
 def test_phone_region_decides_national_numbers() -> None:
     mobiles = ["020 7946 0958", "(415) 555-0123", "+1 (415) 555-0123", "12"]
     p = prepare(frame(Email=["a@x.com", "b@x.com", "c@x.com", "d@x.com"], Mobile=mobiles), phone_region="gb")
-    assert p.contacts.get_column("mobile_phone").to_list() == ["+442079460958", "+444155550123", "+14155550123", None]
-    assert p.phones_dropped == 1
+    # "(415) 555-0123" read in GB is +44 4155 550123: a possible length, but no such UK number.
+    assert p.contacts.get_column("mobile_phone").to_list() == ["+442079460958", None, "+14155550123", None]
+    assert p.phones_dropped_by_reason == {"invalid": 2, "unparseable": 0}  # "12" parses, as no valid number
+    assert p.phones_dropped == 2
 
 
 def test_unknown_phone_region_is_an_input_error() -> None:

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from apollo_sync import settings as settings_module
 from apollo_sync.clean import EngineOptions, Mapping, prepare, rules
 from apollo_sync.clean.payload import field_weight
 from apollo_sync.errors import InputError
@@ -108,7 +109,13 @@ PHONES = st.one_of(
     st.sampled_from(["(415) 555-0123", "+1 415.555.0123 x12", "1-415-555-0123", "+44 20 7946 0958",
                      "+44 (0)20 7946 0958", "020 7946 0958", "123", "call me", "+49 30 901820", "(415) ٥٥٥-0123",
                      "４１５-555-0123", "+33 1 23 45 67 89", "+7 916 123 4567", "+1 155 555 0123", "+39 06 1234 5678",
-                     "415 555 0123 ext. 7", "+61 2 9876 5432", "+999 123"]),
+                     "415 555 0123 ext. 7", "+61 2 9876 5432", "+999 123",
+                     # national numbers of several regions: valid only where the row's country (or region) fits
+                     "03 23 51 11 14", "0323511114", "(0)3-23-51-11-14", "030 901820", "07911 123456", "06 1234 5678",
+                     "91 123 45 67", "98765 43210", "03-1234-5678", "8 916 123 4567", "(876) 555-0123",
+                     # the 00 international prefix, and what is left of it
+                     "001-212-555-0100", "0044 20 7946 0958", "00 33 1 23 45 67 89", "0049 30 901820", "00", "0012",
+                     "00 1 268 464 1234"]),
     st.builds("".join, st.lists(st.sampled_from(list("0123456789+- ().x")), max_size=16)),
 )
 WEBSITES = st.one_of(
@@ -124,6 +131,17 @@ LINKEDINS = st.one_of(
 )
 LABELS = st.one_of(st.sampled_from(["vip; Q4 import, vip", " ; ", "a,b", "Vip;vip", "x\\y", 'say "hi"']), _text)
 PLACES = st.one_of(st.sampled_from(["Austin", "TX", "USA", "a\x1f", "\x1fb", "Paris", "France"]), _text)
+COUNTRIES = st.one_of(  # names, ISO-2 and ISO-3 codes, phonenumbers' names in other languages, and what is none
+    st.sampled_from(["France", "FR", "fra", "Deutschland", "DEU", "Germany", "UK", "United Kingdom", "gb", "Japan",
+                     "IT", "Spain", "India", "JM", "United States", "USA", "Narnia", "44", "Российская Федерация",
+                     "Kingdom"]),
+    PLACES,
+)
+HUGE = [  # cells at the limit and just past it, in bytes (é is two)
+    "x" * settings_module.MAX_CELL_BYTES, "x" * (settings_module.MAX_CELL_BYTES + 1),
+    "é" * (settings_module.MAX_CELL_BYTES // 2), "é" * (settings_module.MAX_CELL_BYTES // 2) + "x",
+    "a@x.com" + " " * settings_module.MAX_CELL_BYTES, "(415) 555-0123" + "0" * settings_module.MAX_CELL_BYTES,
+]
 
 COLUMNS = {  # header -> values (spellings from the alias list; several may feed one field)
     "Email": EMAILS, "Work Email": EMAILS, "First Name": FIRST, "given_name": FIRST, "Last Name": LAST,
@@ -131,7 +149,8 @@ COLUMNS = {  # header -> values (spellings from the alias list; several may feed
     "Website": WEBSITES, "Company Domain": WEBSITES, "LinkedIn": LINKEDINS, "LinkedIn URL": LINKEDINS,
     "Phone": PHONES, "Work Phone": PHONES, "Mobile": PHONES, "Office Phone": PHONES, "Home Phone": PHONES,
     "Other Phone": PHONES, "Tags": LABELS, "Lists": LABELS, "City": PLACES, "Town": PLACES, "State": PLACES,
-    "Country": PLACES, "Address": _any, "Owner ID": _any, "Contact Stage ID": _any, "Notes": _any,
+    "Country": COUNTRIES, "Country Code": COUNTRIES, "Address": _any, "Owner ID": _any, "Contact Stage ID": _any,
+    "Notes": _any,
     "Score": _any, "Tier": _any,
 }
 CONSTANTS = {
@@ -160,12 +179,14 @@ def exports(draw) -> tuple[list[str], list[dict], Mapping, str, bool]:
     # Values from small pools per column, so identities repeat across the frame.
     pools = {c: draw(st.lists(messy(COLUMNS[c]), min_size=1, max_size=5)) for c in names}
     rows = [{c: draw(st.sampled_from(pools[c])) for c in names} for _ in range(height)]
+    if rows and draw(st.integers(0, 3)) == 0:  # an oversized cell (or one at the limit) somewhere
+        rows[draw(st.integers(0, height - 1))][draw(st.sampled_from(names))] = draw(st.sampled_from(HUGE))
     numbered = draw(st.booleans())
     if numbered:
         order = draw(st.permutations(range(height)))
         for row, n in zip(rows, order):
             row["source_row"] = 10 * n + 7
-    region = draw(st.sampled_from(["US", "GB", "de", "CA", "IN"]))
+    region = draw(st.sampled_from(["US", "GB", "de", "CA", "IN", "FR", "JP", "JM"]))
     return names, rows, mapping, region, numbered
 
 
@@ -189,7 +210,8 @@ def assert_same(prepared, reference: rules.Reference) -> None:
     for got, want in zip(rejected, reference.rejected, strict=True):
         assert {**got, "original": json.loads(got["original"])} == want
     assert collected(prepared.duplicates).to_dicts() == reference.duplicates
-    assert prepared.phones_dropped == reference.phones_dropped
+    assert prepared.phones_dropped_by_reason == reference.phones_dropped
+    assert prepared.phones_dropped == sum(reference.phones_dropped.values())
     assert prepared.rows_read == len(reference.outcomes)
     assert prepared.unmapped_columns == reference.unmapped_columns
     assert prepared.column_map == reference.column_map
@@ -229,8 +251,12 @@ def test_prepare_gives_what_the_rules_say(tmp_path_factory, export, data: st.Dat
             prepare(df, mapping=mapping, phone_region=region)
         assert str(raised.value) == str(exc)
         return
+    reasons = {r["reason"] for r in reference.rejected}
+    event(f"rejected too_large: {'too_large' in reasons}")
+    for why, count in reference.phones_dropped.items():
+        event(f"phones dropped {why}: {bool(count)}")
     for what, happened in (("duplicates", reference.duplicates), ("rejected", reference.rejected),
-                           ("phones dropped", reference.phones_dropped), ("contacts", reference.contacts)):
+                           ("phones dropped", sum(reference.phones_dropped.values())), ("contacts", reference.contacts)):
         event(f"has {what}: {bool(happened)}")
     assert_same(prepare(df, mapping=mapping, phone_region=region), reference)  # one batch, in memory
     tuning = data.draw(tunings(len(rows)), label="tuning")

@@ -70,6 +70,8 @@ def test_crm_export_lands_every_valid_email_once_labelled(gateway, tmp_path):
     assert summary["rejected"] == {"invalid_email": 1, "missing_identity": 1}
     assert (summary["rows_valid"], summary["duplicates_in_source"], summary["created"]) == (231, 1, 230)
     assert summary["requests"] == 3
+    drops = summary["phones_dropped_by_reason"]  # counted by reason, adding up to the total
+    assert set(drops) == {"invalid", "unparseable"} and sum(drops.values()) == summary["phones_dropped"]
     written = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert written == summary
     results = pl.read_parquet(tmp_path / "report" / "results.parquet")

@@ -114,13 +114,13 @@ def test_what_cannot_be_partitioned_says_how(tmp_path):
         plan_partitions(str(tmp_path / "*.csv"), partitions=0)
 
 
-def _child(rows_read, created, existing=0, dup=0, rejected=None, unchanged=0, requests=1, report="r"):
+def _child(rows_read, created, existing=0, dup=0, rejected=None, unchanged=0, requests=1, report="r", phones=(0, 0)):
     rejected = rejected or {}
     valid = rows_read - sum(rejected.values())
     summary = {"rows_read": rows_read, "rows_valid": valid, "rejected": rejected, "duplicates_in_source": dup,
                "created": created, "existing": existing, "failed": 0, "unconfirmed": 0, "unchanged": unchanged,
-               "requests": requests, "retries": 0, "seconds": 9.9, "rate_limited": 1, "phones_dropped": 0,
-               "unmapped_columns": ["zip"], "report_dir": report}  # fmt: skip
+               "requests": requests, "retries": 0, "seconds": 9.9, "rate_limited": 1, "phones_dropped": sum(phones),
+               "phones_dropped_by_reason": {"invalid": phones[0], "unparseable": phones[1]}, "unmapped_columns": ["zip"], "report_dir": report}  # fmt: skip
     assert not summary_problems(summary)
     return summary
 
@@ -128,14 +128,15 @@ def _child(rows_read, created, existing=0, dup=0, rejected=None, unchanged=0, re
 def test_merged_summary_adds_counts_and_still_adds_up(tmp_path):
     parts = [Partition(i, f"f{i}.csv", f"f{i}.csv") for i in range(3)]
     children = [
-        _child(10, 8, dup=2, report="a"),
-        _child(12, 5, existing=3, dup=1, rejected={"invalid_email": 2, "missing_identity": 1}, report="b"),
+        _child(10, 8, dup=2, report="a", phones=(3, 1)),
+        _child(12, 5, existing=3, dup=1, rejected={"invalid_email": 2, "missing_identity": 1}, report="b", phones=(2, 0)),
         None,  # a failed child: listed, counted nowhere
     ]
     merged = merge_summaries(children, parts, seconds=3.21, extra={"report_dir": "/out"})
     assert not summary_problems(merged)
     assert (merged["rows_read"], merged["created"], merged["existing"], merged["duplicates_in_source"]) == (22, 13, 3, 3)
     assert merged["rejected"] == {"invalid_email": 2, "missing_identity": 1}
+    assert merged["phones_dropped"] == 6 and merged["phones_dropped_by_reason"] == {"invalid": 5, "unparseable": 1}
     assert merged["rate_limited"] == 2 and merged["requests"] == 2 and merged["seconds"] == 3.21
     assert merged["unmapped_columns"] == ["zip"] and "would_send" not in merged
     assert [p["state"] for p in merged["partitions"]] == ["Completed", "Completed", "Failed"]

@@ -2,8 +2,9 @@
 
 :func:`prepare` is the fast engine (:mod:`apollo_sync.clean.engine`); :mod:`apollo_sync.clean.rules` states, in
 plain Python, what it computes: the place to read what a clean, valid, deduplicated contact is. Header mapping
-and the mapping file: :mod:`apollo_sync.clean.mapping`. The JSON body and the fingerprint:
-:mod:`apollo_sync.clean.payload`.
+and the mapping file: :mod:`apollo_sync.clean.mapping`. Phones (the region from a row's country, which numbers are
+sent): :mod:`apollo_sync.clean.phones`, over whole columns :mod:`apollo_sync.clean.numbering`. The JSON body and
+the fingerprint: :mod:`apollo_sync.clean.payload`.
 """
 
 from apollo_sync.clean.columns import CONTACT_COLUMNS

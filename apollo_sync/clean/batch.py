@@ -6,8 +6,10 @@ Two passes over whole columns, then a per-value step for what the fast paths lef
    fields; an email only trimmed and lower-cased where that is all it needs; phones as text);
 2. one ``with_columns`` on the materialised clean text runs the fast paths that need it: the email's fast-valid
    shape and the North American phone shape (mostly empty phone and LinkedIn columns on their values only);
-3. :func:`finish` patches in place the few values those paths left open (email-validator and phonenumbers, once
-   per distinct value: :mod:`apollo_sync.clean.checks`), and gives each row its reason or its identity.
+3. :func:`finish` patches in place the few emails those paths left open (email-validator, once per distinct
+   value), reads and validates every phone in its row's region (:func:`phones`: phonenumbers' metadata over the
+   column, the library once per distinct value for the rest: :mod:`apollo_sync.clean.checks`), and gives each
+   row its reason (``too_large`` first: a cell over the limit) or its identity.
 
 What the result is, value for value, is stated in :mod:`apollo_sync.clean.rules`; this is the fast way to it.
 """
@@ -21,23 +23,33 @@ from apollo_sync import settings
 from apollo_sync.clean import expressions as ex
 from apollo_sync.clean.checks import email_verdicts, lookup, phones_e164
 from apollo_sync.clean.columns import EMAIL_FAST, PHONE_TEXT, SOURCE_ROW, SPARSE_TEXT, TEXT_FIELDS
-from apollo_sync.clean.distinct import address, per_distinct, repeating_values
+from apollo_sync.clean.distinct import address, per_distinct, repeating_values, row_regions
 from apollo_sync.clean.frames import is_sparse, lazy_select, lazy_with_columns, on_values, pick, without
-from apollo_sync.clean.mapping import ADDRESS_PARTS, CUSTOM_PREFIX, FULL_NAME, Mapping
+from apollo_sync.clean.mapping import ADDRESS_PARTS, COUNTRY, CUSTOM_PREFIX, FULL_NAME, Mapping
 from apollo_sync.clean.options import EngineOptions
 
+NANP_REGIONS = tuple(phonenumbers.COUNTRY_CODE_TO_REGION_CODE[1])
+"""The regions of calling code 1, where the North American national shapes are read as +1 numbers."""
 REJECTED_SCHEMA = {SOURCE_ROW: pl.Int64, "email": pl.String, "reason": pl.String, "original": pl.String}
 
 
 def clean_batch(
     raw: pl.DataFrame, sources: dict[str, tuple[str, ...]], mapping: Mapping, region: str, options: EngineOptions
-) -> tuple[pl.DataFrame, pl.DataFrame, int]:
-    """(cleaned rows, rejected rows, phones dropped) of one batch of rows as read (with ``source_row``).
+) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int]]:
+    """(cleaned rows, rejected rows, phones dropped by reason) of one batch of rows as read (with ``source_row``).
 
     The cleaned rows are all the batch's rows; a rejected one has a null ``identity`` (every other has one).
     """
-    nanp = phonenumbers.country_code_for_region(region) == 1
     phones = [n for n in settings.PHONE_FIELDS if n in sources or n in mapping.constants]
+    regions = row_regions(raw, sources.get(COUNTRY, ()), region, options) if phones else region
+    # With one region for all, the North American national shapes are read only in a +1 region; with a region per
+    # row they are read everywhere, and finish() keeps them only in the rows of +1 regions.
+    nanp = isinstance(regions, pl.Series) or phonenumbers.country_code_for_region(region) == 1
+    mapped = [c for cs in sources.values() for c in cs]
+    too_large = lazy_select(
+        raw, pl.any_horizontal([pl.col(c).str.len_bytes() > settings.MAX_CELL_BYTES for c in mapped] or [pl.lit(False)])
+        .fill_null(False).alias("big"),
+    ).to_series()
     # The in-memory engine runs this wide select in ~15% less CPU than the streaming one; the narrower second pass
     # (and the fingerprints) the other way round (measured on 250k-row batches).
     cleaned = raw.lazy().select(clean_exprs(raw, sources, mapping, phones, options)).collect(engine="in-memory")
@@ -63,18 +75,20 @@ def clean_batch(
     # the rest are freed before the heavy steps. Fast-valid emails are never rejected.
     maybe_rejected = lazy_select(
         cleaned, pl.when(pl.col("email").is_not_null()).then(pl.lit(~email_fast)).otherwise(~named()).alias("m")
-    ).to_series()
+    ).to_series() | too_large
     raw_maybe = raw.filter(maybe_rejected)
-    cleaned, reason, dropped = finish(cleaned, email_fast, texts, region)
+    cleaned, reason, drops = finish(cleaned, email_fast, texts, regions, too_large)
 
     rejected_mask = reason.is_not_null()
     if not rejected_mask.any():
-        return cleaned, rejected_rows(raw_maybe.head(0), sources, reason.head(0)), int(dropped.sum())
+        dropped = {why: int(drops.get_column(why).sum()) for why in settings.PHONE_DROP_REASONS}
+        return cleaned, rejected_rows(raw_maybe.head(0), sources, reason.head(0)), dropped
     rejected = rejected_rows(
         raw_maybe.filter(reason.filter(maybe_rejected).is_not_null()), sources, reason.filter(rejected_mask)
     )
     # Rejected rows stay (without identity) until the merge, which drops them with the duplicates in one filter.
-    return cleaned, rejected, int(dropped.filter(~rejected_mask).sum())
+    kept = drops.filter(~rejected_mask)
+    return cleaned, rejected, {why: int(kept.get_column(why).sum()) for why in settings.PHONE_DROP_REASONS}
 
 
 def clean_exprs(
@@ -183,47 +197,39 @@ def named() -> pl.Expr:
 
 
 def finish(
-    cleaned: pl.DataFrame, email_fast: pl.Series, texts: dict[str, pl.Series], region: str
-) -> tuple[pl.DataFrame, pl.Series, pl.Series]:
-    """(rows with the final email, phones and identity; each row's rejection reason or null; phones dropped per row).
+    cleaned: pl.DataFrame,
+    email_fast: pl.Series,
+    texts: dict[str, pl.Series],
+    regions: pl.Series | str,
+    too_large: pl.Series,
+) -> tuple[pl.DataFrame, pl.Series, pl.DataFrame]:
+    """(rows with the final email, phones and identity; each row's rejection reason or null; phones dropped per row,
+    a column per reason).
 
-    ``email_fast`` says which emails the fast path found valid, ``texts`` holds each phone field's text. The fast
-    paths decided most values; the rest (a few percent) are patched in place: each is looked up once per
-    distinct value (:mod:`apollo_sync.clean.checks`) and scattered back to its rows, so no step here reads a
-    whole column more than once.
+    ``email_fast`` says which emails the fast path found valid, ``texts`` holds each phone field's text, ``regions``
+    each row's phone region (or one for all), ``too_large`` the rows with a cell over the limit (rejected: their
+    values go to no library). The fast paths decided most emails and read the North American phones; the rest is
+    patched in place: each looked up once per distinct value (:mod:`apollo_sync.clean.checks`) and scattered back
+    to its rows, so no step here reads a whole column more than once.
     """
+    keep = ~too_large
     email = cleaned.get_column("email")
     given = email.is_not_null()
-    open_rows = (given & ~email_fast).arg_true()
+    open_rows = (given & ~email_fast & keep).arg_true()
     if open_rows.len():
         normal = email.gather(open_rows).to_frame("e").select(ex.normalized_email(pl.col("e"))).to_series()
         given = given.scatter(open_rows, normal.is_not_null())  # a cell of only whitespace gives no email
         email = email.scatter(open_rows, lookup(normal, email_verdicts(normal.drop_nulls().unique())))
 
-    dropped = pl.repeat(0, cleaned.height, dtype=pl.Int32, eager=True)
-    found = {n: cleaned.get_column(n) for n in texts}
-    open_phone = {n: (found[n].is_null() & texts[n].is_not_null()).arg_true() for n in texts}
-    if any(rows.len() for rows in open_phone.values()):
-        cleaned_texts = {  # cleaned here, for these rows only: a cell of only whitespace holds no phone
-            n: lazy_select(texts[n].gather(rows).to_frame("t"), ex.clean_text(pl.col("t"))).to_series()
-            for n, rows in open_phone.items()
-        }
-        all_e164 = phones_e164(pl.concat(list(cleaned_texts.values())), region)
-        start = 0
-        for n, rows in open_phone.items():
-            e164 = all_e164.slice(start, rows.len())
-            start += rows.len()
-            found[n] = found[n].scatter(rows, e164)
-            lost = (cleaned_texts[n].is_not_null() & e164.is_null()).cast(pl.Int32)
-            dropped = dropped.scatter(rows, dropped.gather(rows) + lost)
-
+    found, drops = phones(cleaned, texts, regions, keep)
     out = cleaned.with_columns(email.alias("email"), *[found[n].alias(n) for n in texts])
     has_name = lazy_select(out, named()).to_series()
     no_email = email.is_null()
     reason = pl.repeat(None, out.height, dtype=pl.String, eager=True).alias("reason")  # set for the few rejected
     for why, rows in (
-        (settings.REJECT_INVALID_EMAIL, no_email & given),
-        (settings.REJECT_MISSING_IDENTITY, no_email & ~given & ~has_name),
+        (settings.REJECT_TOO_LARGE, too_large),
+        (settings.REJECT_INVALID_EMAIL, no_email & given & keep),
+        (settings.REJECT_MISSING_IDENTITY, no_email & ~given & ~has_name & keep),
     ):
         if rows.any():
             reason = reason.scatter(rows.arg_true(), why)
@@ -235,7 +241,45 @@ def finish(
         parts = pick(out, "first_name", "last_name", "organization_name")[by_name]
         key = parts.select(pl.lit("name:") + pl.concat_str(pl.all(), separator="|").str.to_lowercase()).to_series()
         identity = identity.scatter(by_name, key)
-    return out.with_columns(identity), reason, dropped
+    return out.with_columns(identity), reason, drops
+
+
+def phones(
+    cleaned: pl.DataFrame, texts: dict[str, pl.Series], regions: pl.Series | str, keep: pl.Series
+) -> tuple[dict[str, pl.Series], pl.DataFrame]:
+    """(each phone field's E.164 or null, phones dropped per row by reason) of the ``keep`` rows.
+
+    Every field's phones go to :func:`apollo_sync.clean.checks.phones_e164` together: those the North American
+    path read (``cleaned``'s phone columns) to be validated, the others cleaned (for these rows only: a cell of
+    only whitespace holds no phone) to be read and validated.
+    """
+    height = cleaned.height
+    found = {n: pl.repeat(None, height, dtype=pl.String, eager=True) for n in texts}
+    drops = {why: pl.repeat(0, height, dtype=pl.Int32, eager=True) for why in settings.PHONE_DROP_REASONS}
+    rows = {n: (texts[n].is_not_null() & keep).arg_true() for n in texts}
+    if any(r.len() for r in rows.values()):
+        every = pl.concat(list(rows.values()))
+        here = regions if isinstance(regions, str) else regions.gather(every)
+        given = pl.DataFrame([
+            pl.concat([cleaned.get_column(n).gather(r) for n, r in rows.items()]).rename("f"),
+            pl.concat([texts[n].gather(r) for n, r in rows.items()]).rename("t"),
+        ])
+        if not isinstance(here, str):  # the national North American shapes are numbers only in +1 regions
+            nanp = pl.lit(here.is_in(NANP_REGIONS)) | pl.col("t").str.starts_with("+")
+            given = lazy_select(given, pl.when(nanp).then("f").alias("f"), "t")
+        fast = given.get_column("f")
+        rest = fast.is_null().arg_true()  # cleaned for these rows only: a cell of only whitespace holds no phone
+        clean = lazy_select(given.get_column("t").gather(rest).to_frame("t"), ex.clean_text(pl.col("t"))).to_series()
+        text = pl.repeat(None, fast.len(), dtype=pl.String, eager=True).scatter(rest, clean)
+        e164, reason = phones_e164(text, here, fast)
+        start = 0
+        for n, r in rows.items():
+            found[n] = found[n].scatter(r, e164.slice(start, r.len()))
+            why = reason.slice(start, r.len())
+            for w in settings.PHONE_DROP_REASONS:
+                drops[w] = drops[w].scatter(r, drops[w].gather(r) + (why == w).fill_null(False).cast(pl.Int32))
+            start += r.len()
+    return found, pl.DataFrame(drops)
 
 
 def email_as_read(email_cols: list[str]) -> pl.Expr:

@@ -1,23 +1,22 @@
 """The library verdicts the fast paths leave open: email-validator and phonenumbers, once per distinct value.
 
 The verdict for one value is the rule itself (:func:`apollo_sync.clean.rules.validated_email`,
-:func:`~apollo_sync.clean.rules.phone_e164`); this module decides in bulk what it can without calling them (the
-vectorised paths of :mod:`apollo_sync.clean.expressions`) and calls them once per distinct value for the rest.
-Why: email-validator costs ~24 us and phonenumbers ~20-50 us per value, i.e. 20-50 s for a 1M-row export of mostly
-unique values, while the regexes take ~0.05 s per column. The property tests check that whatever a fast path
-decides, the library decides the same.
-"""
+:func:`apollo_sync.clean.phones.phone_verdict`); this module decides in bulk what it can without calling them (the
+vectorised paths of :mod:`apollo_sync.clean.expressions` and :mod:`apollo_sync.clean.numbering`) and calls them
+once per distinct value for the rest. Why: email-validator costs ~24 us and phonenumbers ~20-50 us per value, i.e.
+20-50 s for a 1M-row export of mostly unique values, while the regexes take ~0.05 s per column. The property tests
+check that whatever a fast path decides, the library decides the same."""
 
 from __future__ import annotations
 
-import functools
-
-import phonenumbers
 import polars as pl
-from phonenumbers.phonemetadata import PhoneMetadata
 
+from apollo_sync import settings
 from apollo_sync.clean import expressions as ex
-from apollo_sync.clean.rules import phone_e164, validated_email
+from apollo_sync.clean import numbering as nb
+from apollo_sync.clean.frames import lazy_select
+from apollo_sync.clean.phones import phone_verdict
+from apollo_sync.clean.rules import validated_email
 
 
 def lookup(values: pl.Series, verdicts: pl.DataFrame) -> pl.Series:
@@ -50,55 +49,61 @@ def email_verdicts(emails: pl.Series) -> pl.DataFrame:
     )
 
 
-def phones_e164(texts: pl.Series, region: str) -> pl.Series:
-    """E.164, or null (dropped), for each cleaned phone text the North American fast path left open.
+def phones_e164(texts: pl.Series, regions: pl.Series | str, fast: pl.Series) -> tuple[pl.Series, pl.Series]:
+    """(E.164 or null, drop reason or null) of each phone: ``fast`` holds the North American path's E.164 where it
+    read one, ``texts`` the cleaned text of the others (null: no phone), ``regions`` each row's region (or one for
+    all).
 
-    ``+<code> ...`` numbers of known calling codes are decided row by row by the vectorised rule of
-    :func:`apollo_sync.clean.expressions.phone_international_e164` (they hardly repeat, so looking them up per
-    distinct value cost more than it saved); phonenumbers parses the rest once per distinct value (junk such as
-    "123" repeats).
+    :mod:`apollo_sync.clean.numbering` validates what the North American path read and reads (``+<code>``
+    numbers, then each region's national ones, on their rows only) and validates the other common shapes;
+    phonenumbers (:func:`apollo_sync.clean.phones.phone_verdict`) decides the rest once per distinct text and
+    region (junk such as "123" repeats).
     """
-    verdicts = ex.phone_international_e164(texts, country_rules(texts))
-    e164 = verdicts.get_column("e164")
-    undecided = (~verdicts.get_column("decided") & texts.is_not_null()).arg_true()
-    if undecided.len():
-        values = texts.gather(undecided)
+    height = texts.len()
+    valid = pl.repeat(None, height, dtype=pl.Boolean, eager=True)
+    read = fast.is_not_null().arg_true()
+    if read.len():  # +1 and the ten digits
+        valid = valid.scatter(read, nb.code_verdict(nb.code_rules(1), fast.gather(read).str.slice(2)))
+    rows = texts.is_not_null().arg_true()
+    written = texts.gather(rows).str.replace(r"^00", "+")  # a leading 00 is the international prefix
+    plus = written.str.starts_with("+")
+    here = None if isinstance(regions, str) else regions.gather(rows)
+    groups = [(plus, nb.international_numbers)]
+    for region in [regions] if here is None else here.filter(~plus).unique().to_list():
+        mask = ~plus if here is None else ~plus & (here == region)
+        groups.append((mask, lambda values, region=region: nb.national_numbers(values, region)))
+    parts = []
+    for mask, reading in groups:
+        at = mask.arg_true()
+        if at.len():
+            parts.append(reading(written.gather(at)).with_columns(rows.gather(at).alias("i")))
+    e164 = fast
+    if parts:
+        numbers = pl.concat(parts).drop_nulls()
+        verdicts = lazy_select(
+            numbers.with_columns(nb.valid_numbers(numbers).alias("v")), "i", "v",
+            pl.when("v").then("+" + pl.col("code") + pl.col("nsn")).alias("e164"),
+        )  # fmt: skip
+        at = verdicts.get_column("i")
+        valid, e164 = valid.scatter(at, verdicts.get_column("v")), e164.scatter(at, verdicts.get_column("e164"))
+    found = lazy_select(
+        pl.DataFrame([e164.rename("e"), valid.rename("v")]),
+        pl.when("v").then("e").alias("e164"),
+        pl.when(~pl.col("v")).then(pl.lit(settings.PHONE_INVALID)).alias("reason"),
+    )
+    e164, reason = found.get_column("e164"), found.get_column("reason")
+    undecided = (valid.is_null() & (texts.is_not_null() | fast.is_not_null())).arg_true()
+    if undecided.len():  # what the fast paths did not read, or codes without rules: phonenumbers decides
+        many = isinstance(regions, pl.Series)
+        where = regions.gather(undecided) if many else pl.repeat(regions, undecided.len(), eager=True)
+        values = pl.DataFrame({"t": fast.fill_null(texts).gather(undecided), "r": where})
         distinct = values.unique()
-        parsed = pl.Series([phone_e164(value, region) for value in distinct.to_list()], dtype=pl.String)
-        e164 = e164.scatter(undecided, values.replace_strict(distinct, parsed, default=None, return_dtype=pl.String))
-    return e164
-
-
-def country_rules(phones: pl.Series) -> dict[str, ex.CountryRule]:
-    """phonenumbers' rules for the calling codes that ``+...`` phones among ``phones`` may start with."""
-    # The three characters after a "+" (a slice: a regex capture cost ~5x more), then their leading digits.
-    heads = phones.filter(phones.str.starts_with("+")).str.slice(1, 3).unique().to_list()
-    digits = [h[: next((i for i, ch in enumerate(h) if ch not in "0123456789"), len(h))] for h in heads]
-    wanted = {d[:size] for d in digits for size in (1, 2, 3) if len(d) >= size}
-    rules: dict[str, ex.CountryRule] = {}
-    for code in sorted(wanted):
-        rule = country_rule(int(code)) if code[0] != "0" else None
-        if rule is not None:
-            rules[code] = rule
-    return rules
-
-
-@functools.cache
-def country_rule(code: int) -> ex.CountryRule | None:
-    """The rule for one calling code, or None when it is unknown or its prefix regex is not portable."""
-    if code not in phonenumbers.COUNTRY_CODE_TO_REGION_CODE or code == 1:
-        return None  # +1 has its own fast path (national prefix "1" makes the generic one unsafe)
-    region = phonenumbers.region_code_for_country_code(code)
-    metadata = PhoneMetadata.metadata_for_region_or_calling_code(code, region)
-    if metadata is None or metadata.general_desc is None:
-        return None
-    prefix = metadata.national_prefix_for_parsing
-    if prefix is not None:
-        try:  # the pattern is written for Python's re; use it only where polars' regex engine reads it too
-            pl.select(pl.lit("0").str.contains(f"^(?:{prefix})"))
-        except pl.exceptions.ComputeError:
-            return None
-    desc = metadata.general_desc
-    local = set(desc.possible_length_local_only or ())
-    lengths = tuple(n for n in (desc.possible_length or ()) if n > 0 and n not in local)
-    return ex.CountryRule(national_prefix=prefix, lengths=lengths)
+        verdict = [phone_verdict(value, region) for value, region in distinct.iter_rows()]
+        distinct = distinct.with_columns(
+            pl.Series("e164", [v[0] for v in verdict], dtype=pl.String),
+            pl.Series("reason", [v[1] for v in verdict], dtype=pl.String),
+        )
+        found = values.join(distinct, on=["t", "r"], how="left", maintain_order="left")
+        e164 = e164.scatter(undecided, found.get_column("e164"))
+        reason = reason.scatter(undecided, found.get_column("reason"))
+    return e164, reason

@@ -15,6 +15,7 @@ import polars as pl
 
 from apollo_sync.clean import expressions as ex
 from apollo_sync.clean.options import EngineOptions
+from apollo_sync.clean.phones import country_region
 
 
 def repeating_values(raw: pl.DataFrame, columns: list[str], options: EngineOptions) -> dict[str, pl.Series]:
@@ -121,3 +122,19 @@ def null_row_key(width: int, options: EngineOptions) -> int:
 def hashes_are_exact(hashes: pl.Series, nulls: int | None) -> bool:
     """True when no two distinct rows share a hash, nor one has the hash ``nulls`` of a row of nulls."""
     return hashes.n_unique() == hashes.len() and (nulls is None or not (hashes == nulls).any())
+
+
+def row_regions(
+    raw: pl.DataFrame, columns: tuple[str, ...], default: str, options: EngineOptions
+) -> pl.Series | str:
+    """Each row's phone region: the first of the country ``columns`` whose cell names a country
+    (:func:`apollo_sync.clean.phones.country_region`, once per distinct cell, mapped back by :func:`position_in`),
+    else ``default``; just ``default`` without country columns."""
+    if not columns:
+        return default
+    named = []
+    for column in columns:
+        values = raw.get_column(column).drop_nulls().unique()
+        regions = pl.Series([country_region(v) for v in values.to_list()], dtype=pl.String)
+        named.append(pl.lit(regions).gather(position_in(values.to_frame(column), [column], options)))
+    return raw.lazy().select(pl.coalesce(*named, pl.lit(default)).alias("region")).collect().to_series()

@@ -36,7 +36,7 @@ from apollo_sync.clean.frames import pick
 from apollo_sync.clean.mapping import CUSTOM_PREFIX, Mapping, plan_columns, require_identity
 from apollo_sync.clean.options import EngineOptions
 from apollo_sync.clean.parts import Parts
-from apollo_sync.clean.rules import check_region
+from apollo_sync.clean.phones import check_region
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -57,15 +57,19 @@ class Prepared:
     contacts: pl.DataFrame | pl.LazyFrame
     """One row per contact to send, in the frame's (source) order: see :data:`CONTACT_COLUMNS`."""
     rejected: pl.DataFrame | pl.LazyFrame
-    """source_row, email (as read), reason (invalid_email | missing_identity), original (JSON of the row as read)."""
+    """source_row, email (as read), reason (too_large | invalid_email | missing_identity), original (JSON of the row
+    as read)."""
     duplicates: pl.DataFrame | pl.LazyFrame
     """source_row, email, merged_into (source_row of the surviving row)."""
     rows_read: int
     unmapped_columns: list[str]
     phones_dropped: int
-    """Phone values (in rows not rejected) that were present but not usable as E.164, so not sent."""
+    """Phone values (in rows not rejected) that were present but not valid numbers, so not sent."""
     column_map: dict[str, str] = field(default_factory=dict)
     """source column -> Apollo field (or ``custom.<id>``, ``name``, ``city``...) it fed."""
+    phones_dropped_by_reason: dict[str, int] = field(default_factory=dict)
+    """``phones_dropped`` by reason: each of :data:`~apollo_sync.settings.PHONE_DROP_REASONS` (``invalid``,
+    ``unparseable``), 0 or more."""
     contacts_count: int = 0
     rejected_count: int = 0
     duplicates_count: int = 0
@@ -103,11 +107,14 @@ def prepare(
     require_identity(plan.sources, mapping, names)
 
     parts = Parts(out_dir)
-    rows_read = phones_dropped = 0
+    rows_read = 0
+    phones_dropped = dict.fromkeys(settings.PHONE_DROP_REASONS, 0)
     keys_per_batch: list[pl.DataFrame] = []  # per batch: (hash, position) of each identity, sorted by hash
     heights: list[int] = []
 
-    def clean(batch: tuple[int, pl.DataFrame]) -> tuple[int, pl.DataFrame, pl.DataFrame, int, pl.DataFrame]:
+    def clean(
+        batch: tuple[int, pl.DataFrame],
+    ) -> tuple[int, pl.DataFrame, pl.DataFrame, dict[str, int], pl.DataFrame]:
         offset, raw = batch
         cleaned, rejected, dropped = clean_batch(raw, plan.sources, mapping, region, options)
         return raw.height, cleaned, rejected, dropped, identity_keys(cleaned, offset, options)
@@ -121,7 +128,7 @@ def prepare(
     with ThreadPoolExecutor(max_workers=PIPELINE_DEPTH, thread_name_prefix="apollo-sync-prepare") as pool:
         for height, cleaned, rejected, dropped, keys in in_order(pool, clean, numbered(batches(frame, lf, options))):
             rows_read += height
-            phones_dropped += dropped
+            phones_dropped = {why: phones_dropped[why] + dropped[why] for why in phones_dropped}
             parts.put("rejected", rejected)
             parts.put("clean", cleaned)
             keys_per_batch.append(keys)
@@ -145,9 +152,10 @@ def prepare(
         duplicates=parts.frame("duplicates"),
         rows_read=rows_read,
         unmapped_columns=plan.unmapped,
-        phones_dropped=phones_dropped,
+        phones_dropped=sum(phones_dropped.values()),
         column_map=plan.column_map,
-        **parts.finish(rows_read=rows_read, phones_dropped=phones_dropped),
+        phones_dropped_by_reason=phones_dropped,
+        **parts.finish(rows_read=rows_read, phones_dropped=sum(phones_dropped.values())),
     )
 
 

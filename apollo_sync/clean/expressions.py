@@ -9,8 +9,6 @@ paths agree. What each one gives, value by value, is stated in plain Python in :
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import polars as pl
 
 from apollo_sync.clean.rules import NAME_PARTICLES, NAME_SUFFIXES
@@ -106,85 +104,18 @@ PHONE_NANP_INTERNATIONAL = r"^\+1[ .\-]?" + _NANP
 the area code (groups 1 or 2: in or out of parentheses), exchange (3) and line number (4) are captured."""
 PHONE_NANP_NATIONAL = r"^(?:\+?1[ .\-]?)?" + _NANP
 """The same, or written nationally (optional trunk prefix 1): only for a default region in the +1 zone."""
-PHONE_INTERNATIONAL_SHAPE = r"^\+[0-9]+(?:[ .\-][0-9]+)*$"
-"""``+`` and ASCII digit groups separated by single spaces, dots or dashes (no ``(0)``, no extension)."""
-
-
 def phone_nanp_e164(expr: pl.Expr, *, nanp_region: bool) -> pl.Expr:
     """E.164 for the common North American shapes, null where this fast path does not decide.
 
-    For these shapes phonenumbers gives "+1" + the 10 digits (an extension is dropped by E.164) and the
-    length is possible; the property test checks that. ``nanp_region``: the default region dials with
-    country code 1 (US, CA...). One regex pass captures the digit groups (measured as fast as a shape
+    For these shapes phonenumbers reads calling code 1 and the 10 digits (an extension is dropped by E.164), in
+    every region of the +1 zone when written nationally; the property test checks that. Whether the number is
+    valid is decided next (:func:`apollo_sync.clean.numbering.valid_numbers`). ``nanp_region``: the row's region
+    dials with country code 1 (US, CA, JM...). One regex pass captures the digit groups (measured as fast as a shape
     check followed by digit extraction, ~35 ms CPU per 250k phones: the floor of this path, not a gain).
     """
     parts = expr.str.extract_groups(PHONE_NANP_NATIONAL if nanp_region else PHONE_NANP_INTERNATIONAL)
     area = pl.coalesce(parts.struct.field("1"), parts.struct.field("2"))
     return pl.concat_str([pl.lit("+1"), area, parts.struct.field("3"), parts.struct.field("4")])
-
-
-@dataclass(frozen=True)
-class CountryRule:
-    """What phonenumbers does with ``+<code> <national number>`` for one calling code (from its metadata)."""
-
-    national_prefix: str | None
-    """Regex of a national prefix phonenumbers may strip after the code; numbers it matches are not decided here."""
-    lengths: tuple[int, ...]
-    """National number lengths phonenumbers calls possible (local-only lengths excluded)."""
-
-
-def country_code(digits: pl.Expr, codes: list[str]) -> pl.Expr:
-    """The calling code at the start of ``digits`` among ``codes`` (calling codes are prefix-free), else null."""
-    out = pl.when(False).then(pl.lit(None, dtype=pl.String))
-    for size in (1, 2, 3):
-        head = digits.str.slice(0, size)
-        out = out.when(head.is_in(codes)).then(head)
-    return out
-
-
-def phone_international_e164(phones: pl.Series, rules: dict[str, CountryRule]) -> pl.DataFrame:
-    """Columns ``decided`` (bool) and ``e164`` for ``+<code> ...`` numbers whose calling code has a rule in ``rules``.
-
-    Decided rows get phonenumbers' verdict without calling it: "+" + digits when the national number's
-    length is possible, else null (dropped). Not decided: other shapes, unknown codes, national numbers
-    starting with 0 or with the country's national prefix (phonenumbers may strip it). The property test
-    compares this with phonenumbers over every calling code. Each step is its own ``with_columns`` of one lazy
-    query, so the digits and code are computed once (as one expression they were recomputed per branch: ~10x
-    slower).
-    """
-    # Only the separators PHONE_INTERNATIONAL_SHAPE allows are removed: other rows are not decided anyway,
-    # and a literal replace is ~2x faster than a regex one.
-    seps = ["+", " ", ".", "-"]
-    code, national = pl.col("code"), pl.col("national")
-    prefix_match = pl.lit(False)
-    with_prefix = {c: r.national_prefix for c, r in rules.items() if r.national_prefix}
-    if with_prefix:
-        chain = pl.when(False).then(pl.lit(False))
-        for c, pattern in with_prefix.items():
-            chain = chain.when(code == c).then(national.str.contains(f"^(?:{pattern})"))
-        prefix_match = chain.otherwise(pl.lit(False))
-    decided = (
-        pl.col("p").str.contains(PHONE_INTERNATIONAL_SHAPE)
-        & code.is_not_null()
-        & ~national.str.starts_with("0")
-        & ~prefix_match
-    ).fill_null(False)
-    possible_keys = [f"{c}:{n}" for c, r in rules.items() for n in r.lengths]
-    possible = (code + pl.lit(":") + national.str.len_bytes().cast(pl.String)).is_in(possible_keys)
-    return (
-        phones.rename("p")
-        .to_frame()
-        .lazy()
-        .with_columns(pl.col("p").str.replace_many(seps, [""] * len(seps)).alias("digits"))
-        .with_columns(country_code(pl.col("digits"), list(rules)).alias("code"))
-        .with_columns(pl.col("digits").str.slice(code.str.len_bytes()).alias("national"))
-        .with_columns(decided.alias("decided"), possible.alias("possible"))
-        .select(
-            "decided",
-            pl.when(pl.col("decided") & pl.col("possible")).then(pl.lit("+") + pl.col("digits")).alias("e164"),
-        )
-        .collect()
-    )
 
 
 # --- Web ------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Auto-mapping compares a header with known aliases after lower-casing it and remo
 ``_``, ``-`` and ``.`` (so ``First Name``, ``first_name`` and ``FIRST-NAME`` all read ``firstname``).
 See :data:`ALIASES` for the list. A ``Name`` / ``Full Name`` column is split into first and last
 name when neither of those is mapped; ``City``, ``State`` and ``Country`` are joined into
-``present_raw_address`` when no address column is mapped.
+``present_raw_address`` when no address column is mapped. A ``Country`` column (``Country Code``, ``Nation``...)
+also gives each row its phone region (:mod:`apollo_sync.clean.phones`), address column or not.
 
 The mapping file (``--mapping FILE``) is TOML::
 
@@ -45,6 +46,8 @@ FULL_NAME = "name"
 """Pseudo-field: a full name, split into ``first_name`` and ``last_name`` when those are absent."""
 ADDRESS_PARTS = ("city", "state", "country")
 """Pseudo-fields joined (in this order, with ", ") into ``present_raw_address`` when no address column exists."""
+COUNTRY = "country"
+"""The pseudo-field whose columns also give a row its phone region."""
 
 _CUSTOM_ID = re.compile(r"[A-Za-z0-9_\-]+\Z")
 
@@ -78,7 +81,10 @@ ALIASES: dict[str, tuple[str, ...]] = {
     FULL_NAME: ("name", "full name", "contact name"),
     "city": ("city", "town"),
     "state": ("state", "province", "state province", "state/province"),
-    "country": ("country",),
+    "country": (
+        "country", "country name", "country code", "country/region", "nation", "country iso", "iso country",
+        "iso country code",
+    ),
 }
 """Apollo field (or pseudo-field) -> header spellings that auto-map to it."""
 
@@ -205,8 +211,8 @@ def plan_columns(columns: list[str], mapping: Mapping | None = None) -> ColumnPl
     if FULL_NAME in sources and ("first_name" in sources or "last_name" in sources):
         for col in sources.pop(FULL_NAME):
             del column_map[col]
-    if "present_raw_address" in sources:
-        for part in ADDRESS_PARTS:
+    if "present_raw_address" in sources:  # the country stays: it is also each row's phone region
+        for part in ("city", "state"):
             for col in sources.pop(part, ()):
                 del column_map[col]
     unmapped = [c for c in columns if c != settings.SOURCE_ROW and c not in column_map]

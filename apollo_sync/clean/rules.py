@@ -11,12 +11,16 @@ phonenumbers called once per value. :func:`prepare_rows` is the whole stage:
    first column whose cleaned value is not empty (for websites and LinkedIn: whose *normalised* value is not
    empty; for labels: every column's labels).
 2. **Cleaning**, per field (:func:`clean_row`): text trimmed and whitespace collapsed (:func:`clean_text`, with
-   :data:`WHITESPACE` spelled out), email lower-cased and checked by email-validator, phones to E.164 by
-   phonenumbers, websites to ``https://<host>``, LinkedIn URLs to ``https://www.linkedin.com/<path>``, labels
-   split, a full name split into first and last, an address joined from city/state/country, the mapping's
-   constants where a row has no value of its own, custom fields as text.
-3. **Validation** (:func:`rejection`): a present but invalid email rejects the row (``invalid_email``); a row
-   with no email and not all of first name, last name and organization is rejected (``missing_identity``).
+   :data:`WHITESPACE` spelled out), email lower-cased and checked by email-validator, phones to E.164 when
+   phonenumbers holds them valid, read in the row's country or the default region, ``00`` as ``+``
+   (:mod:`apollo_sync.clean.phones`; the others dropped and counted by reason), websites to ``https://<host>``,
+   LinkedIn URLs to ``https://www.linkedin.com/<path>``, labels split, a full name split into first and last, an
+   address joined from city/state/country, the mapping's constants where a row has no value of its own, custom
+   fields as text.
+3. **Validation** (:func:`rejection`): a cell of a column that feeds a field longer than
+   :data:`~apollo_sync.settings.MAX_CELL_BYTES` rejects the row (``too_large``); a present but invalid email
+   rejects it (``invalid_email``); a row with no email and not all of first name, last name and organization is
+   rejected (``missing_identity``).
 4. **Identity and dedupe** (:func:`identity`, :func:`dedupe`): ``email:<address>``, or without email
    ``name:<first|last|organization>`` lower-cased. The first row of an identity survives; each of its empty
    fields takes the first value later duplicates have, in row order; every dropped row names the row it merged
@@ -36,13 +40,12 @@ from collections.abc import Mapping as Row
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 
 from apollo_sync import settings
-from apollo_sync.clean.mapping import ADDRESS_PARTS, CUSTOM_PREFIX, FULL_NAME, MAPPABLE_FIELDS, Mapping, plan_columns
-from apollo_sync.clean.mapping import require_identity
-from apollo_sync.errors import InputError
+from apollo_sync.clean.mapping import ADDRESS_PARTS, COUNTRY, CUSTOM_PREFIX, FULL_NAME, MAPPABLE_FIELDS, Mapping
+from apollo_sync.clean.mapping import plan_columns, require_identity
+from apollo_sync.clean.phones import check_region, country_region, phone_e164, phone_verdict  # noqa: F401
 
 Value = str | list[str] | None
 """A cleaned field: text, a list of labels (``label_names``), or None (empty)."""
@@ -99,7 +102,7 @@ def fold(word: str) -> str:
     )
 
 
-# --- Email and phones: the libraries' verdicts -------------------------------------------------------------
+# --- Email: the library's verdict (phones: apollo_sync.clean.phones) --------------------------------------
 
 
 def normalized_email(value: str | None) -> str | None:
@@ -114,26 +117,6 @@ def validated_email(address: str) -> str | None:
         return validate_email(address, check_deliverability=False).normalized
     except EmailNotValidError:
         return None
-
-
-def check_region(phone_region: str) -> str:
-    """The default phone region, upper-cased; InputError when phonenumbers has no calling code for it."""
-    region = phone_region.upper()
-    if phonenumbers.country_code_for_region(region) == 0:
-        raise InputError(f"unknown phone region {phone_region!r}; use a two-letter region code such as US or GB")
-    return region
-
-
-def phone_e164(text: str, region: str) -> str | None:
-    """One phone as E.164, or None when phonenumbers cannot parse it (numbers without ``+`` in ``region``) or its
-    length is not possible for its country. Extensions are dropped; any Unicode digits read as ASCII ones."""
-    try:
-        number = phonenumbers.parse(text, region)
-    except phonenumbers.NumberParseException:
-        return None
-    if phonenumbers.is_possible_number_with_reason(number) != phonenumbers.ValidationResult.IS_POSSIBLE:
-        return None
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
 # --- Websites, LinkedIn, labels, names ---------------------------------------------------------------------
@@ -244,8 +227,24 @@ class CleanRow:
     email_read: str | None
     """The email cell as read: with one email column that column's cell (whatever it holds), with several the
     first whose text is not empty (None when none is)."""
-    phones_dropped: int
-    """Phone fields whose text was not empty but gave no E.164 number."""
+    phone_drops: tuple[str, ...]
+    """The drop reason of each phone field whose text was not empty but gave no valid number."""
+    too_large: bool
+    """Some cell of a column that feeds a field is longer than :data:`~apollo_sync.settings.MAX_CELL_BYTES`."""
+
+
+def row_region(row: Row[str, str | None], sources: dict[str, tuple[str, ...]], default: str) -> str:
+    """The region a row's phones are read in: the first country column whose cell names a country
+    (:func:`apollo_sync.clean.phones.country_region`), else ``default`` (``--phone-region``)."""
+    found = (country_region(row[column]) for column in sources.get(COUNTRY, ()))
+    return next((region for region in found if region is not None), default)
+
+
+def too_large(row: Row[str, str | None], sources: dict[str, tuple[str, ...]]) -> bool:
+    """True when a cell of a column that feeds a field (any target of ``sources``) is longer than
+    :data:`~apollo_sync.settings.MAX_CELL_BYTES` in UTF-8, as read: such a row is rejected, never sent."""
+    cells = (row[column] for columns in sources.values() for column in columns)
+    return any(cell is not None and len(cell.encode()) > settings.MAX_CELL_BYTES for cell in cells)
 
 
 def clean_row(
@@ -254,9 +253,11 @@ def clean_row(
     """Clean one row as read (cells are text or None), given the mapping's ``sources`` (target -> columns).
 
     Every target takes its columns' first cleaned value that is not empty, else the mapping's constant *as given*
-    (constants are not cleaned, except phones, which go through E.164 like any phone text).
+    (constants are not cleaned, except phones, which go through E.164 like any phone text). Phones are read in
+    the row's region (:func:`row_region`; ``region`` is the default).
     """
     constants = mapping.constants
+    region = row_region(row, sources, region)
 
     def first(target: str, clean=clean_text) -> Value:
         for column in sources.get(target, ()):
@@ -283,16 +284,16 @@ def clean_row(
     fields["first_name"] = with_constant("first_name", first_name)
     fields["last_name"] = with_constant("last_name", last_name)
 
-    dropped = 0
+    drops: list[str] = []
     for name in MAPPABLE_FIELDS:
         if name in fields:
             continue
         if name == "label_names":
             fields[name] = label_names(row, sources.get(name, ()), constants.get(name))  # type: ignore[arg-type]
-        elif name in settings.PHONE_FIELDS:  # the text (or the constant) cleaned, then E.164
+        elif name in settings.PHONE_FIELDS:  # the text (or the constant) cleaned, then phonenumbers' verdict
             text = clean_text(with_constant(name, first(name)))  # type: ignore[arg-type]
-            fields[name] = None if text is None else phone_e164(text, region)
-            dropped += text is not None and fields[name] is None
+            fields[name], why = (None, None) if text is None else phone_verdict(text, region)
+            drops += [why] if why else []
         elif name == "website_url":
             fields[name] = with_constant(name, first(name, website))
         elif name == "linkedin_url":
@@ -306,7 +307,8 @@ def clean_row(
     customs = sorted({t for t in (*sources, *constants) if t.startswith(CUSTOM_PREFIX)})
     for name in customs:
         fields[name] = with_constant(name, first(name))
-    return CleanRow(fields=fields, email_given=address is not None, email_read=email_read, phones_dropped=dropped)
+    return CleanRow(fields=fields, email_given=address is not None, email_read=email_read, phone_drops=tuple(drops),
+                    too_large=too_large(row, sources))  # fmt: skip
 
 
 def label_names(row: Row[str, str | None], columns: Sequence[str], constant: list[str] | None) -> list[str] | None:
@@ -329,8 +331,11 @@ def label_names(row: Row[str, str | None], columns: Sequence[str], constant: lis
 
 
 def rejection(row: CleanRow) -> str | None:
-    """Why the row is rejected, or None: ``invalid_email`` (an email given, not valid), ``missing_identity`` (no
-    email, and not all of first name, last name and organization)."""
+    """Why the row is rejected, or None: ``too_large`` (a cell over the limit, whatever else the row holds),
+    ``invalid_email`` (an email given, not valid), ``missing_identity`` (no email, and not all of first name, last
+    name and organization)."""
+    if row.too_large:
+        return settings.REJECT_TOO_LARGE
     fields = row.fields
     if fields["email"] is not None:
         return None
@@ -415,8 +420,9 @@ class Reference:
     """source_row, email (as read), reason, original (the row as read, without source_row), in row order."""
     duplicates: list[dict[str, object]]
     """source_row, email (the survivor's), merged_into, by source_row."""
-    phones_dropped: int
-    """Phones dropped in rows not rejected (duplicates included)."""
+    phones_dropped: dict[str, int]
+    """Phones dropped in rows not rejected (duplicates included), by reason (every one of
+    :data:`~apollo_sync.settings.PHONE_DROP_REASONS`, 0 or more)."""
     unmapped_columns: list[str]
     column_map: dict[str, str]
 
@@ -484,5 +490,6 @@ def prepare_rows(
          for o in outcomes if o.merged_into is not None),
         key=lambda d: d[settings.SOURCE_ROW],  # type: ignore[arg-type,return-value]
     )
-    dropped = sum(o.row.phones_dropped for o in outcomes if o.reason is None)
+    dropped = {why: sum(o.row.phone_drops.count(why) for o in outcomes if o.reason is None)
+               for why in settings.PHONE_DROP_REASONS}  # fmt: skip
     return Reference(outcomes, contacts, rejected, duplicates, dropped, plan.unmapped, plan.column_map)
