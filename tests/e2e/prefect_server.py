@@ -15,13 +15,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from services import free_port
+
+from apollo_sync.local_server import healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_START_TIMEOUT = 120.0
@@ -93,12 +94,14 @@ def stop_process(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
     return proc.wait(timeout)
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/api/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
+def start_worker(env: dict[str, str], cwd: Path, log_path: Path, pool: str) -> subprocess.Popen:
+    """``prefect worker start --pool POOL --type process`` in ``cwd``, its output in ``log_path``; stop it with
+    :func:`stop_process`."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            prefect_cli("worker", "start", "--pool", pool, "--type", "process"),
+            env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
 
 @contextmanager
 def running_server() -> Iterator[PrefectServer]:
@@ -116,7 +119,7 @@ def running_server() -> Iterator[PrefectServer]:
         )  # fmt: skip
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while not _healthy(url):
+        while not healthy(url):
             if proc.poll() is not None:
                 raise RuntimeError(f"prefect server exited with {proc.returncode}:\n{server.log.read_text()[-3000:]}")
             if time.monotonic() > deadline:

@@ -28,7 +28,7 @@ from apollo_sync import settings
 from apollo_sync.params import sync_params
 from apollo_sync.sandbox import SandboxConfig, SandboxServer
 
-from prefect_server import ROOT, PrefectServer, prefect_cli, run_ok, stop_process, wait_final
+from prefect_server import ROOT, PrefectServer, prefect_cli, run_ok, start_worker, stop_process, wait_final
 
 pytestmark = pytest.mark.e2e
 
@@ -158,11 +158,7 @@ def test_deploy_all_and_a_worker_run_lands_every_contact_with_the_key_from_the_s
         worker_log = tmp_path / "worker.log"
         worker_env = env | {"PREFECT_WORKER_QUERY_SECONDS": "1"}
         assert "APOLLO_API_KEY" not in worker_env and "APOLLO_SYNC_HOME" not in worker_env
-        with worker_log.open("wb") as log:
-            worker = subprocess.Popen(
-                prefect_cli("worker", "start", "--pool", POOL, "--type", "process"),
-                env=worker_env, cwd=clone, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+        worker = start_worker(worker_env, clone, worker_log, POOL)
         try:
             # 5. run the ad hoc deployment against the sandbox; source, ledger and report relative to the clone
             (clone / "data").mkdir()

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 
 from apollo_sync.sandbox import SandboxConfig, SandboxProcess
 
-from prefect_server import ROOT, PrefectServer, prefect_cli, run_ok, stop_process, wait_final
+from prefect_server import ROOT, PrefectServer, prefect_cli, run_ok, start_worker, stop_process, wait_final
 
 pytestmark = pytest.mark.e2e
 
@@ -201,11 +200,7 @@ def test_custom_run_form_shows_the_sections_and_a_run_started_from_it_ends_with_
         worker_log = tmp_path / "worker.log"
         worker_env = env | {"APOLLO_API_KEY": sandbox.config.api_key, "PREFECT_WORKER_QUERY_SECONDS": "1"}
         assert "APOLLO_SYNC_HOME" not in worker_env  # the clone recorded by `prefect deploy`
-        with worker_log.open("wb") as log:
-            worker = subprocess.Popen(
-                prefect_cli("worker", "start", "--pool", POOL, "--type", "process"),
-                env=worker_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+        worker = start_worker(worker_env, tmp_path, worker_log, POOL)
         try:
             expected = _write_export(tmp_path / "export.csv")
             values = {"Path or URL": str(tmp_path / "export.csv"), "Base URL": sandbox.gateway_base_url,
