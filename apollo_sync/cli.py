@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from apollo_sync import settings
-from apollo_sync.errors import ApolloSyncError, ConfigError, InputError
+from apollo_sync.errors import ApolloSyncError, InputError
 from apollo_sync.params import FIELD_GROUPS, RUN_GROUPS, SyncParams, flow_parameters, sync_params
 from apollo_sync.redact import api_key_from
 
@@ -259,10 +259,7 @@ def check_api_key(block_name: str | None) -> None:
     Inside the flow the same error would be logged by Prefect with a traceback.
     """
     if key := os.environ.get(settings.ENV_API_KEY):
-        try:
-            os.environ[settings.ENV_API_KEY] = api_key_from(key)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        os.environ[settings.ENV_API_KEY] = api_key_from(key)
         return
     from tasks.credentials import resolve_api_key
 

@@ -13,6 +13,8 @@ import re
 import threading
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
+from apollo_sync.errors import ConfigError
+
 MASK = "***"
 _MIN_SECRET_LENGTH = 4  # shorter values would mask ordinary words
 
@@ -47,11 +49,11 @@ def register_secret(value: str | None) -> None:
 def api_key_from(raw: str) -> str:
     """The key as it is sent: surrounding whitespace (a pasted or file-read key's newline) stripped. A key with a
     control character inside would go into a header verbatim (and be echoed back in the HTTP library's error):
-    ``ValueError`` instead, raised before anything is sent. Both forms are registered for masking."""
+    ``ConfigError`` instead, raised before anything is sent. Both forms are registered for masking."""
     register_secret(raw)
     key = raw.strip()
     if any(ord(c) < 32 or ord(c) == 127 for c in key):
-        raise ValueError("the Apollo API key holds a control character (a line break or tab inside it): copy it again")
+        raise ConfigError("the Apollo API key holds a control character (a line break or tab inside it): copy it again")
     register_secret(key)
     return key
 

@@ -210,33 +210,34 @@ def problem_rows(report_dir: str | Path) -> pl.DataFrame:
 
 
 def as_outcomes(rows: Frame, outcome: str, reason: str | None = None) -> Frame:
-    """``rows`` as results rows (source_row, email, outcome, apollo_id, reason) with one outcome for all."""
-    has_id = "apollo_id" in rows.collect_schema().names()
+    """``rows`` as results rows (source_row, email, outcome, apollo_id, reason) with one outcome for all; the
+    rows' own ``apollo_id`` and ``reason`` columns are kept when they have them and no ``reason`` is given."""
+    names = rows.collect_schema().names()
+    has_id = "apollo_id" in names
+    own_reason = reason is None and "reason" in names
     return rows.select(
         pl.col(settings.SOURCE_ROW).cast(pl.Int64),
         pl.col("email").cast(pl.String),
         pl.lit(outcome).alias("outcome"),
         (pl.col("apollo_id").cast(pl.String) if has_id else pl.lit(None, pl.String)).alias("apollo_id"),
-        pl.lit(reason, pl.String).alias("reason"),
+        (pl.col("reason").cast(pl.String) if own_reason else pl.lit(reason, pl.String)).alias("reason"),
     ).cast(RESULTS_SCHEMA)
 
 
 def would_send(to_send: Frame) -> Frame:
     """A dry run's outcomes: ``would_send`` (to Bulk Create), or in upsert mode ``would_update`` for the rows the
-    ledger knows an Apollo id of, with the fields that changed since Apollo confirmed them as the reason."""
+    ledger knows an Apollo id of, with the fields that changed since Apollo confirmed them as the reason (worked
+    out for those rows only: the creates of a first run need no Python per row)."""
     if "update_id" not in to_send.collect_schema().names():
         return as_outcomes(to_send, "would_send")
-    is_update = pl.col("update_id").is_not_null()
-    changed = pl.struct("field_hashes", "base_hashes").map_elements(
-        lambda row: would_change(row["field_hashes"], row["base_hashes"]), return_dtype=pl.String
+    creates = as_outcomes(to_send.filter(pl.col("update_id").is_null()), "would_send")
+    updates = to_send.filter(pl.col("update_id").is_not_null()).with_columns(
+        apollo_id=pl.col("update_id"),
+        reason=pl.struct("field_hashes", "base_hashes").map_elements(
+            lambda row: would_change(row["field_hashes"], row["base_hashes"]), return_dtype=pl.String
+        ),
     )
-    return to_send.select(
-        pl.col(settings.SOURCE_ROW).cast(pl.Int64),
-        pl.col("email").cast(pl.String),
-        pl.when(is_update).then(pl.lit("would_update")).otherwise(pl.lit("would_send")).alias("outcome"),
-        pl.col("update_id").cast(pl.String).alias("apollo_id"),
-        pl.when(is_update).then(changed).alias("reason"),
-    ).cast(RESULTS_SCHEMA)
+    return pl.concat([creates, as_outcomes(updates, "would_update")], how="vertical")
 
 
 def _added_stats(sent: list[GroupResult]) -> dict[str, int]:
@@ -277,11 +278,11 @@ class Progress:
     async def chunk_done(self, result: ChunkResult) -> None:
         self.done += result.outcomes.height
         now = time.monotonic()
+        rate = self.done / max(now - self._started, 1e-9)
         for watcher in list(_watchers):
-            watcher(self.done, self.total, self.done / max(now - self._started, 1e-9))
+            watcher(self.done, self.total, rate)
         if now - self._logged >= PROGRESS_LOG_SECONDS or (self.done >= self.total and self._logged != float("inf")):
             self._logged = now if self.done < self.total else float("inf")  # the last line once
-            rate = self.done / max(now - self._started, 1e-9)
             left = (self.total - self.done) / rate if rate else float("inf")
             logger.info("Progress: %d of %d contacts (%.0f%%), %.0f contacts/s, about %.0fs to go",
                         self.done, self.total, 100 * self.done / max(self.total, 1), rate, left)  # fmt: skip
@@ -330,10 +331,7 @@ async def key_from_environment(block_name: str | None) -> str:
     key = os.environ.get(settings.ENV_API_KEY)
     if not key or not key.strip():
         raise ConfigError(f"no Apollo API key: set the {settings.ENV_API_KEY} environment variable (or pass --api-key)")
-    try:
-        return api_key_from(key)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    return api_key_from(key)
 
 
 async def open_sender(run: SyncRun, plan: Plan, steps: Steps) -> tuple[ApolloClient, Sender]:

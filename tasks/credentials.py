@@ -28,10 +28,7 @@ async def resolve_api_key(block_name: str | None) -> str:
     key = key or os.environ.get(ENV_API_KEY)
     if not key or not key.strip():
         raise ConfigError(_no_key_message(block_name, block_found))
-    try:
-        return api_key_from(key)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    return api_key_from(key)
 
 
 def _no_key_message(block_name: str | None, block_found: bool) -> str:

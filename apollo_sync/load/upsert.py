@@ -23,6 +23,7 @@ idempotent, so a retry after an unknown outcome is always safe), bisection of a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+import functools
 from typing import TYPE_CHECKING, Any
 
 from apollo_sync.clean.payload import parse_field_hashes
@@ -64,8 +65,9 @@ class _Equalise:
 async def upsert(session: LoadSession, rows: RequestRows, dedupe: bool, call: LoadStats) -> list[RowOutcome]:
     """Update, create and make equal the rows of one chunk (see the module docstring); one outcome per row."""
     labels = session.config.labels
-    values = [payload_values(p) for p in rows.payload]
-    now = [parse_field_hashes(h) or {} for h in rows.field_hashes]
+    # Parsed only for the rows an update touches: a first run's creates need neither.
+    values = functools.cache(lambda i: payload_values(rows.payload[i]))
+    now = functools.cache(lambda i: parse_field_hashes(rows.field_hashes[i]) or {})
     out: list[RowOutcome | None] = [None] * len(rows)
     to_create = [i for i in range(len(rows)) if not rows.update_id[i]]
     gone: set[int] = set()
@@ -77,8 +79,8 @@ async def upsert(session: LoadSession, rows: RequestRows, dedupe: bool, call: Lo
         if not (apollo_id := rows.update_id[i]):
             continue
         base = parse_field_hashes(rows.base_hashes[i])
-        fields = changed_since(values[i], now[i], base)
-        if fields or sets_changed(values[i], now[i], base, labels):
+        fields = changed_since(values(i), now(i), base)
+        if fields or sets_changed(values(i), now(i), base, labels):
             # with no plain field to change, the id alone reads the contact back for step 3's merge
             by_id.append((i, list(fields)))
             entries.append({"id": apollo_id, **fields})
@@ -99,7 +101,7 @@ async def upsert(session: LoadSession, rows: RequestRows, dedupe: bool, call: Lo
         created = await session.create(rows.pick(to_create), dedupe or bool(gone), call)
         for i, result in zip(to_create, created):
             if result.outcome == "existing" and result.contact is not None:
-                equalise.append(_Equalise(i, dict(result.contact), differing_from(values[i], result.contact), [], True))
+                equalise.append(_Equalise(i, dict(result.contact), differing_from(values(i), result.contact), [], True))
             elif i in gone and result.outcome == "created":
                 reason = f"Apollo no longer had contact {rows.update_id[i]}: created again"
                 out[i] = RowOutcome("created", result.apollo_id, reason)
@@ -110,8 +112,8 @@ async def upsert(session: LoadSession, rows: RequestRows, dedupe: bool, call: Lo
     todo, entries = [], []
     for item in equalise:
         sets = {
-            LABELS: labels_to_set(item.contact.get(LABELS), wanted_labels(values[item.row], labels)),
-            CUSTOM: customs_to_set(item.contact.get(CUSTOM), values[item.row].get(CUSTOM)),
+            LABELS: labels_to_set(item.contact.get(LABELS), wanted_labels(values(item.row), labels)),
+            CUSTOM: customs_to_set(item.contact.get(CUSTOM), values(item.row).get(CUSTOM)),
         }
         changes = item.fields | {name: value for name, value in sets.items() if value is not None}
         if changes:
