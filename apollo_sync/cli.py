@@ -309,7 +309,7 @@ def run_flow(params: SyncParams, progress: bool = False) -> dict:
         return asyncio.run(sync_contacts(**flow_parameters(params)))
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-    from apollo_sync.sync import watching_progress
+    from apollo_sync.send import watching_progress
 
     columns = (TextColumn("sending"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[rate]}"),
                TimeRemainingColumn())  # fmt: skip

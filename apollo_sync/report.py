@@ -2,8 +2,10 @@
 
 Every input row ends in exactly one outcome:
 
-- ``rejected``  the row failed validation (``reason`` says why: ``invalid_email`` or ``missing_identity``);
-- ``duplicate`` the row repeated an earlier row of the same source and was merged into it (``reason`` names it);
+- ``rejected``  the row failed validation (``reason`` says why: ``too_large``, ``invalid_email`` or
+  ``missing_identity``);
+- ``duplicate`` the row repeated an earlier row of the same source and was merged into it (``reason`` names it),
+  or another live run (partition) held it;
 - ``created`` / ``existing``  Apollo created the contact, or (with dedupe) already had it; ``apollo_id`` is set;
 - ``updated``   (``--mode upsert``) Apollo had the contact and took the source's changed values; ``reason`` names
   the fields;
@@ -20,6 +22,7 @@ The summary adds up: ``rows_read = rows_valid + sum(rejected)`` and ``rows_valid
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -40,6 +43,8 @@ SUMMARY_FILE = "summary.json"
 RESULTS_PARQUET = "results.parquet"
 RESULTS_CSV = "results.csv"
 REJECTED_CSV = "rejected.csv"
+PARTS_DIR = "results-parts"
+"""Where a run keeps its outcome parts until the report is whole (then removed)."""
 Frame = pl.DataFrame | pl.LazyFrame
 _SPREADSHEET_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -76,6 +81,48 @@ def results_frame(rejected: Frame, duplicates: Frame, outcomes: Frame) -> Frame:
 
 def _names(frame: Frame) -> list[str]:
     return frame.collect_schema().names() if isinstance(frame, pl.LazyFrame) else frame.columns
+
+
+class ResultsStream:
+    """The outcomes of a run's rows written as they come, so a killed run leaves the results of what it sent.
+
+    Each :meth:`add` writes one Parquet part under ``<report_dir>/results-parts/`` and appends the rows to
+    ``results.csv`` (in the order they were decided). :func:`write_report` then writes the whole report from
+    the parts (``results.csv`` again, every row in source order) and removes them.
+    """
+
+    def __init__(self, report_dir: str | Path):
+        self.report_dir = private_dir(report_dir)
+        self.dir = private_dir(self.report_dir / PARTS_DIR)
+        for old in self.dir.glob("*.parquet"):
+            old.unlink()
+        self.parts = 0
+        self.rows = 0
+        self._csv = touch_private(self.report_dir / RESULTS_CSV)
+        self._csv.write_text("", encoding="utf-8")
+
+    def add(self, outcomes: pl.DataFrame) -> None:
+        """Write ``outcomes`` (RESULTS_SCHEMA columns; missing ones null) as the next part."""
+        if outcomes.height == 0:
+            return
+        frame = outcomes.select(
+            pl.col(name).cast(dtype) if name in outcomes.columns else pl.lit(None, dtype).alias(name)
+            for name, dtype in RESULTS_SCHEMA.items()
+        )
+        frame.write_parquet(touch_private(self.dir / f"results-{self.parts:05d}.parquet"))
+        with self._csv.open("a", encoding="utf-8", newline="") as out:
+            escape_for_spreadsheet(frame).write_csv(out, include_header=self.parts == 0)
+        self.parts += 1
+        self.rows += frame.height
+
+    def frame(self) -> pl.LazyFrame:
+        """Every outcome written so far (lazy, over the parts)."""
+        if not self.parts:
+            return pl.LazyFrame(schema=RESULTS_SCHEMA)
+        return pl.scan_parquet(self.dir / "results-*.parquet")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def build_summary(
@@ -145,12 +192,14 @@ def write_report(report_dir: str | Path, summary: Mapping[str, object], results:
     for the CSV), so a 10M-row report never sits in memory twice.
     """
     out = private_dir(report_dir)
+    csv_tmp = out / (RESULTS_CSV + ".tmp")  # a results.csv a run appended to while it went is replaced whole
     if isinstance(results, pl.LazyFrame):
         results.sink_parquet(out / RESULTS_PARQUET, engine="streaming")
-        escape_for_spreadsheet(pl.scan_parquet(out / RESULTS_PARQUET)).sink_csv(out / RESULTS_CSV, engine="streaming")
+        escape_for_spreadsheet(pl.scan_parquet(out / RESULTS_PARQUET)).sink_csv(csv_tmp, engine="streaming")
     else:
         results.write_parquet(out / RESULTS_PARQUET)
-        escape_for_spreadsheet(results).write_csv(out / RESULTS_CSV)
+        escape_for_spreadsheet(results).write_csv(csv_tmp)
+    private_file(csv_tmp).replace(out / RESULTS_CSV)
     rejected_text = escape_for_spreadsheet(rejected.select(pl.all().cast(pl.String)))
     if isinstance(rejected_text, pl.LazyFrame):
         rejected_text.sink_csv(out / REJECTED_CSV, engine="streaming")

@@ -84,17 +84,18 @@ def percent_done(done_rows: int, total_rows: int) -> float:
     return round(100.0 * min(max(done_rows, 0), total_rows) / total_rows, 1)
 
 
-async def start_progress(total_rows: int, *, key: str = PROGRESS_KEY) -> ProgressHandle:
+async def start_progress(total_rows: int, *, key: str = PROGRESS_KEY, growing: bool = False) -> ProgressHandle:
     """Create the run's progress artifact (0 %, or 100 % when there is nothing to send) and return its handle.
 
     Args:
         total_rows: Rows the run will account for; ``advance_progress`` reports against this.
         key: Artifact key (lowercase letters, digits, dashes).
+        growing: The total grows as the run goes (a streaming run plans each part as it is cleaned): start at 0 %
+            and describe it as the rows planned so far; set ``handle.total_rows`` as it grows.
     """
-    start = percent_done(0, total_rows)
-    artifact_id = await acreate_progress_artifact(
-        progress=start, key=key, description=f"Contacts processed out of {total_rows:,}"
-    )
+    start = 0.0 if growing else percent_done(0, total_rows)
+    described = "Contacts sent out of those planned so far" if growing else f"Contacts processed out of {total_rows:,}"
+    artifact_id = await acreate_progress_artifact(progress=start, key=key, description=described)
     return ProgressHandle(artifact_id=artifact_id, total_rows=total_rows, shown_percent=start)
 
 

@@ -19,8 +19,11 @@ import inspect
 import pkgutil
 import shutil
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+
+import polars as pl
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -83,20 +86,26 @@ _TOKEN = "cache-token"
     persist_result=True,
 )
 def clean_contacts(
-    source: Source, mapping_path: str | None, phone_region: str, prepared_dir: str | None = None
+    source: Source,
+    mapping_path: str | None,
+    phone_region: str,
+    prepared_dir: str | None = None,
+    on_ready: Callable[[pl.DataFrame], None] | None = None,
 ) -> clean.Prepared:
     """Map headers, clean, validate and dedupe the source's rows (see ``apollo_sync.clean``).
 
     With ``prepared_dir`` the results are Parquet parts under it and the Prepared's frames are LazyFrames.
+    ``on_ready`` gets each final part of contacts as it is made (not called when the result comes from the cache:
+    the caller then reads the stored parts).
     """
     mapping = clean.load_mapping(mapping_path) if mapping_path else None
     if not prepared_dir:
-        return clean.prepare(source.frame, mapping=mapping, phone_region=phone_region)
+        return clean.prepare(source.frame, mapping=mapping, phone_region=phone_region, on_ready=on_ready)
     root = private_dir(Path(prepared_dir).resolve())
     final = root / _clean_digest(source, mapping_path, phone_region)
     clean.prune_prepared(root, CLEAN_CACHE_EXPIRATION.total_seconds(), keep=final)
     work = root / f"{final.name}.{uuid.uuid4().hex[:8]}.tmp"  # concurrent runs never write the same files
-    prepared = clean.prepare(source.frame, mapping=mapping, phone_region=phone_region, out_dir=work)
+    prepared = clean.prepare(source.frame, mapping=mapping, phone_region=phone_region, out_dir=work, on_ready=on_ready)
     private_tree(work)
     with locked(root / f"{final.name}.lock"):  # one run at a time puts a generation in place
         if _whole(final):

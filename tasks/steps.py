@@ -1,11 +1,12 @@
 """The stages of ``apollo_sync.sync.run_sync`` as Prefect tasks, so a flow run shows them as a task graph.
 
-Each task wraps the plain function of ``apollo_sync.sync`` (or ``tasks.extract`` for the cached clean) and takes
-the previous stage's result as an argument, which is how Prefect draws the edges::
+Each task wraps the plain function of ``apollo_sync.sync`` (or ``tasks.extract`` for the cached clean)::
 
-    read_source -> clean_contacts -> plan_contacts -> send_chunks x N -> write_report
+    read_source -> clean_contacts ─┬─> write_report
+                    (a thread)     └ each part: plan_contacts -> send_chunks x N ─┘
 
-Only ``clean_contacts`` is cached (on the source's content, see ``tasks.extract``). Nothing that sends is cached
+``clean_contacts`` runs in a thread beside the sending: each part it finishes is planned (one ``plan_contacts``
+task run per part, up to 250,000 rows) and sent while the next is cleaned. Only ``clean_contacts`` is cached (on the source's content, see ``tasks.extract``). Nothing that sends is cached
 or retried by Prefect: the sync ledger is the memory of what landed, the load session retries each request with
 the right semantics (Retry-After, dedupe after an unknown outcome, bisection on 422), and a retried *flow run*
 plans again from the ledger. One ``send_chunks`` task run per group of ``settings.CHUNKS_PER_LOAD_TASK`` chunks
@@ -28,7 +29,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from apollo_sync import sync
+from apollo_sync import send, sync
 from apollo_sync.load import GroupResult
 from apollo_sync.redact import redact_url
 from tasks.artifacts import add_progress, publish_run, start_progress
@@ -39,7 +40,7 @@ plan_contacts = task(name="plan_contacts", cache_policy=NO_CACHE, persist_result
 
 
 @task(name="send_chunks", cache_policy=NO_CACHE, persist_result=False, retries=0)
-async def send_chunks(sender: sync.Sender, plan: sync.Plan, group: int) -> GroupResult:
+async def send_chunks(sender: send.Sender, plan: send.Plan, group: int) -> GroupResult:
     """Send group ``group`` of the plan's chunks through the run's shared session (client, pacer, ledger)."""
     return await sync.send_group(sender, plan, group)
 
@@ -47,11 +48,12 @@ async def send_chunks(sender: sync.Sender, plan: sync.Plan, group: int) -> Group
 write_report = task(name="write_report", cache_policy=NO_CACHE, persist_result=False)(sync.write_run_report)
 
 
-async def progress_artifact(total: int) -> Callable[[int], Awaitable[None]]:
-    """A progress artifact for ``total`` contacts; returns what moves it by a chunk's rows."""
-    handle = await start_progress(total)
+async def progress_artifact() -> Callable[[int, int], Awaitable[None]]:
+    """A progress artifact; returns what moves it by a chunk's rows against the rows planned so far."""
+    handle = await start_progress(0, growing=True)
 
-    async def advance(rows: int) -> None:
+    async def advance(rows: int, total: int) -> None:
+        handle.total_rows = total
         await add_progress(handle, rows)
 
     return advance

@@ -129,7 +129,8 @@ def test_the_progress_bar_is_told_after_every_chunk_up_to_the_total(sandbox, tmp
     import asyncio
 
     from apollo_sync.params import sync_params
-    from apollo_sync.sync import run_sync, watching_progress
+    from apollo_sync.send import watching_progress
+    from apollo_sync.sync import run_sync
 
     source = tmp_path / "contacts.csv"
     source.write_text("email\n" + "".join(f"p{i}@x.io\n" for i in range(25)))

@@ -82,6 +82,7 @@ def prepare(
     phone_region: str = settings.DEFAULT_PHONE_REGION,
     out_dir: str | Path | None = None,
     options: EngineOptions = EngineOptions(),
+    on_ready: Callable[[pl.DataFrame], None] | None = None,
 ) -> Prepared:
     """Map, clean, validate and dedupe exported rows (all ``pl.String`` columns, optional ``source_row``).
 
@@ -94,6 +95,10 @@ def prepare(
     then :data:`~apollo_sync.clean.parts.DONE_MARKER`) and the Prepared's frames are LazyFrames scanning them:
     memory then holds two batches, 12 bytes a row (identity hash and position) and the rows whose identity
     repeats. The results are the same either way, and whatever ``options`` say.
+
+    ``on_ready(part)`` is called with each part of the contacts, in order, as soon as it is final (from this
+    thread; it may block, which holds the engine back: a sending run plans and sends each part while the next is
+    merged, so nothing holds every contact at once).
     """
     region = check_region(phone_region)
     lf = frame.lazy()
@@ -146,6 +151,8 @@ def prepare(
 
         for contacts in in_order(pool, finish, range(len(heights))):
             parts.put("contacts", contacts)
+            if on_ready is not None:
+                on_ready(contacts)
     return Prepared(
         contacts=parts.frame("contacts"),
         rejected=parts.frame("rejected"),

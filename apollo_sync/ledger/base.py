@@ -1,7 +1,7 @@
 """What every ledger does: the :class:`Ledger` interface, :class:`Claim`, :func:`target_for` and the helpers
 both backends share (the polars schema of what a ledger knows, this host's name, whether a local process lives).
 
-``plan`` (split contacts into to-send and unchanged) and the claim protocol around ``_claim`` are written once
+``plan`` (split one part of contacts into to-send and unchanged) and the claim protocol around ``_claim`` are written once
 here; a backend supplies storage: ``_known``, ``_claim``, ``_clock`` and the writes. See :mod:`apollo_sync.ledger`
 for the semantics.
 """
@@ -88,11 +88,15 @@ class Ledger(abc.ABC):
     def plan(
         self,
         target: str,
-        contacts: pl.DataFrame | pl.LazyFrame,
+        contacts: pl.DataFrame,
         full_refresh: bool = False,
         mode: str = "create",
-    ):
-        """Split ``contacts`` (columns ``identity``, ``fingerprint``, ...) into ``(to_send, unchanged)``.
+    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """Split ``contacts`` (one part of a run's rows: columns ``identity``, ``fingerprint``, ...) into
+        ``(to_send, unchanged)``.
+
+        The ledger is asked only about these identities (``_known`` joins against the batch), so memory follows
+        the part, never the ledger's size: a run plans each part as it is cleaned.
 
         ``unchanged``: the identity is confirmed with the same fingerprint (never with ``full_refresh``). In
         ``upsert`` mode a contact confirmed only as ``existing`` is not unchanged: Apollo kept its own values, so
@@ -102,22 +106,20 @@ class Ledger(abc.ABC):
         from a killed run, a failed row, or changed content, so a create must go with ``run_dedupe`` true) and,
         in ``upsert`` mode, ``update_id``: the Apollo id to update by, for every row the ledger knows an id of
         (null: create it), and ``base_hashes``: the field hashes of the last values Apollo confirmed (null when
-        unknown: send every non-empty field). Both keep the input's columns and order. A LazyFrame (prepare()'s
-        Parquet parts) gives two LazyFrames: the ledger is read now, the contacts only when they are collected.
+        unknown: send every non-empty field). Both keep the input's columns and order.
         """
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        lazy = isinstance(contacts, pl.LazyFrame)
-        names = contacts.collect_schema().names() if lazy else contacts.columns
+        if isinstance(contacts, pl.LazyFrame):
+            raise InputError("Ledger.plan takes one part of contacts as a DataFrame; plan a lazy source part by part")
         for column in ("identity", "fingerprint"):
-            if column not in names:
+            if column not in contacts.columns:
                 raise InputError(f"contacts for the ledger need a {column!r} column; prepare() makes it")
-        self._planned_at = self._clock()
-        known = self._known(target).rename(
+        if self._planned_at is None:
+            self._planned_at = self._clock()  # the first part's plan: claims compare confirmations against it
+        known = self._known(target, contacts.get_column("identity")).rename(
             {"fingerprint": "_ledger_fp", "status": "_ledger_status", "apollo_id": "_ledger_id", "field_hashes": "_ledger_hashes"}
         )
-        if lazy:
-            known = known.lazy()
         joined = contacts.join(known, on="identity", how="left", maintain_order="left")
         confirmed = IN_STEP if mode == "upsert" else CONFIRMED
         is_unchanged = (
@@ -137,8 +139,9 @@ class Ledger(abc.ABC):
         return to_send, unchanged
 
     @abc.abstractmethod
-    def _known(self, target: str) -> pl.DataFrame:
-        """Everything the ledger holds for ``target`` (:data:`LEDGER_SCHEMA`)."""
+    def _known(self, target: str, identities: pl.Series) -> pl.DataFrame:
+        """What the ledger holds for ``target`` about ``identities`` (:data:`LEDGER_SCHEMA`; one row per identity it
+        knows, none for the others): one query joining against the batch."""
 
     @abc.abstractmethod
     def mark_pending(self, target: str, rows: pl.DataFrame, run_id: str) -> None:

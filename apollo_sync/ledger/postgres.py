@@ -135,11 +135,13 @@ class PostgresLedger(Ledger):
         with self._lock:
             return self._db.execute("SELECT now()").fetchone()[0]
 
-    def _known(self, target: str) -> pl.DataFrame:
+    def _known(self, target: str, identities: pl.Series) -> pl.DataFrame:
         with self._lock:
             rows = self._db.execute(
-                "SELECT identity, fingerprint, status, apollo_id, field_hashes FROM sync_ledger WHERE target = %s",
-                (target,),
+                "SELECT l.identity, l.fingerprint, l.status, l.apollo_id, l.field_hashes"
+                " FROM unnest(%s::text[]) AS batch(identity) JOIN sync_ledger AS l"
+                " ON l.target = %s AND l.identity = batch.identity",
+                (identities.drop_nulls().unique().to_list(), target),
             ).fetchall()
         return pl.DataFrame(rows, schema=LEDGER_SCHEMA, orient="row")
 

@@ -78,6 +78,10 @@ _CLAIM = """
             SELECT 1 FROM sync_runs AS r WHERE r.run_id = sync_ledger.run_id AND r.finished = 0 AND r.heartbeat_at > ?7))
     )
 """
+_KNOWN = """
+    SELECT l.identity, l.fingerprint, l.status, l.apollo_id, l.field_hashes
+    FROM json_each(?2) AS batch JOIN sync_ledger AS l ON l.target = ?1 AND l.identity = batch.value
+"""
 _HEARTBEAT = """
     INSERT INTO sync_runs (run_id, host, pid, heartbeat_at, finished) VALUES (?, ?, ?, ?, 0)
     ON CONFLICT (run_id) DO UPDATE SET host = excluded.host, pid = excluded.pid,
@@ -111,12 +115,11 @@ class SQLiteLedger(Ledger):
     def __repr__(self) -> str:
         return f"SQLiteLedger({str(self.path)!r})"
 
-    def _known(self, target: str) -> pl.DataFrame:
+    def _known(self, target: str, identities: pl.Series) -> pl.DataFrame:
+        # The batch goes in as one JSON array parameter; json_each feeds the primary-key lookups.
+        batch = json_array(identities.drop_nulls().unique())
         with self._lock:
-            rows = self._db.execute(
-                "SELECT identity, fingerprint, status, apollo_id, field_hashes FROM sync_ledger WHERE target = ?",
-                (target,),
-            ).fetchall()
+            rows = self._db.execute(_KNOWN, (target, batch)).fetchall()
         return pl.DataFrame(rows, schema=LEDGER_SCHEMA, orient="row")
 
     def _write(self, sql: str, params: list[tuple]) -> None:
@@ -211,6 +214,13 @@ class SQLiteLedger(Ledger):
         self._finish_own_runs()
         with self._lock:
             self._db.close()
+
+
+def json_array(values: pl.Series) -> str:
+    """``values`` (strings) as the text of one JSON array, written by polars (far faster than ``json.dumps`` of a
+    list for a part of 250,000 identities)."""
+    text = values.implode().to_frame("v").write_ndjson()  # {"v":[...]}\n
+    return text[len('{"v":') : -2]
 
 
 def _migrate(db: sqlite3.Connection) -> None:

@@ -168,6 +168,7 @@ class LoadSession:
         self.stopped: RunStopped | None = None
         """Why the run stopped (a 401/403, or an API that never answered); None while it goes on."""
         self._next_chunk = 0
+        self._slots = asyncio.Semaphore(config.concurrency)  # shared by concurrent load() calls
         self._answers = 0  # HTTP answers of any status: the API is reachable once this is above 0
 
     def make_chunks(self, to_send: pl.DataFrame) -> list[Chunk]:
@@ -178,7 +179,8 @@ class LoadSession:
         return chunks
 
     async def load(self, chunks: Sequence[Chunk]) -> GroupResult:
-        """Send ``chunks`` with at most ``concurrency`` requests in flight; an outcome for every row.
+        """Send ``chunks`` with at most ``concurrency`` chunks in flight (over every ``load`` call running at once:
+        the next group may start while the last requests of one finish); an outcome for every row.
 
         When the run stopped (now or on an earlier call), the result's ``stopped`` says why.
         """
@@ -192,7 +194,8 @@ class LoadSession:
                 async def worker() -> None:
                     for index in pending:
                         chunk = chunks[index]
-                        frame, to_record, requests = await self._load_chunk(chunk, call)
+                        async with self._slots:
+                            frame, to_record, requests = await self._load_chunk(chunk, call)
                         results[index] = frame
                         # Recording runs in its own task, beside the next request of this slot.
                         group.create_task(self._finish_chunk(chunk, frame, to_record, requests, call))

@@ -1,0 +1,264 @@
+"""The sending side of a run: the plan of one part, the session that sends its groups, progress, outcomes.
+
+:class:`Stream` takes each planned part (:class:`Plan`) from :func:`apollo_sync.sync.stream_parts`, cuts its rows
+into groups of ``settings.CHUNKS_PER_LOAD_TASK`` chunks (one ``send`` step each, :data:`GROUPS_IN_FLIGHT` at once,
+so no request slot idles while the last requests of a group finish) and writes every outcome to the run's
+:class:`~apollo_sync.report.ResultsStream` as it comes. After a stop (a 401, an API that never answers) nothing
+more is sent and every later row is ``failed`` with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import polars as pl
+
+from apollo_sync import settings
+from apollo_sync.errors import ConfigError, RunStopped
+from apollo_sync.load import (
+    ApolloClient,
+    Chunk,
+    ChunkResult,
+    GroupResult,
+    LoadConfig,
+    LoadSession,
+    Pacer,
+)
+from apollo_sync.load.update import would_change
+from apollo_sync.redact import api_key_from
+from apollo_sync.report import RESULTS_SCHEMA, Frame, ResultsStream
+
+if TYPE_CHECKING:
+    from apollo_sync.sync import Steps, SyncRun
+
+logger = logging.getLogger("apollo_sync.sync")
+
+PROGRESS_LOG_SECONDS = 10.0
+"""Least time between two progress lines in the log while contacts are sent."""
+GROUPS_IN_FLIGHT = 2
+"""Groups of chunks (task runs) sending at once: the next starts while the last requests of one finish."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the ledger made of one part of the cleaned contacts: the rows to send (in chunks) and those unchanged."""
+
+    number: int
+    """The part's number in the run (from 0)."""
+    to_send: pl.DataFrame
+    """``must_dedupe`` marks rows the ledger saw before; in upsert mode ``update_id``/``base_hashes`` too."""
+    unchanged: pl.DataFrame
+    dry_run: bool
+
+    @property
+    def rows_to_send(self) -> int:
+        return self.to_send.height
+
+
+@dataclass
+class Sent:
+    """What the groups sent so far came to: their results (stats, stop reason) in the order they finished."""
+
+    groups: list[GroupResult] = field(default_factory=list)
+
+    @property
+    def stopped(self) -> RunStopped | None:
+        return next((r.stopped for r in self.groups if r.stopped is not None), None)
+
+
+def as_outcomes(rows: Frame, outcome: str, reason: str | None = None) -> Frame:
+    """``rows`` as results rows (source_row, email, outcome, apollo_id, reason) with one outcome for all; the
+    rows' own ``apollo_id`` and ``reason`` columns are kept when they have them and no ``reason`` is given."""
+    names = rows.collect_schema().names()
+    has_id = "apollo_id" in names
+    own_reason = reason is None and "reason" in names
+    return rows.select(
+        pl.col(settings.SOURCE_ROW).cast(pl.Int64),
+        pl.col("email").cast(pl.String),
+        pl.lit(outcome).alias("outcome"),
+        (pl.col("apollo_id").cast(pl.String) if has_id else pl.lit(None, pl.String)).alias("apollo_id"),
+        (pl.col("reason").cast(pl.String) if own_reason else pl.lit(reason, pl.String)).alias("reason"),
+    ).cast(RESULTS_SCHEMA)
+
+
+def would_send(to_send: Frame) -> Frame:
+    """A dry run's outcomes: ``would_send`` (to Bulk Create), or in upsert mode ``would_update`` for the rows the
+    ledger knows an Apollo id of, with the fields that changed since Apollo confirmed them as the reason (worked
+    out for those rows only: the creates of a first run need no Python per row)."""
+    if "update_id" not in to_send.collect_schema().names():
+        return as_outcomes(to_send, "would_send")
+    creates = as_outcomes(to_send.filter(pl.col("update_id").is_null()), "would_send")
+    updates = to_send.filter(pl.col("update_id").is_not_null()).with_columns(
+        apollo_id=pl.col("update_id"),
+        reason=pl.struct("field_hashes", "base_hashes").map_elements(
+            lambda row: would_change(row["field_hashes"], row["base_hashes"]), return_dtype=pl.String
+        ),
+    )
+    return pl.concat([creates, as_outcomes(updates, "would_update")], how="vertical")
+
+
+_watchers: list[Callable[[int, int, float], None]] = []
+
+
+@contextmanager
+def watching_progress(callback: Callable[[int, int, float], None]) -> Iterator[None]:
+    """Call ``callback(done, total, contacts_per_second)`` after every chunk any run of this process sends, while in
+    the block (the CLI's progress bar). ``total`` counts the rows planned so far: it grows while parts are cleaned."""
+    _watchers.append(callback)
+    try:
+        yield
+    finally:
+        _watchers.remove(callback)
+
+
+class Progress:
+    """Counts sent rows against those planned so far; logs a progress line at most every
+    :data:`PROGRESS_LOG_SECONDS` (and at the end); tells the watchers of :func:`watching_progress` after every
+    chunk and ``show(rows, total)`` (the flow's progress artifact)."""
+
+    def __init__(self, show: Callable[[int, int], Awaitable[None]] | None = None):
+        self.total = 0
+        self.done = 0
+        self.cleaning = True
+        self._show = show
+        self._started = self._logged = time.monotonic()
+
+    def expect(self, rows: int) -> None:
+        """``rows`` more rows are planned to be sent."""
+        self.total += rows
+
+    async def chunk_done(self, result: ChunkResult) -> None:
+        self.done += result.outcomes.height
+        now = time.monotonic()
+        rate = self.done / max(now - self._started, 1e-9)
+        for watcher in list(_watchers):
+            watcher(self.done, self.total, rate)
+        last = self.done >= self.total and not self.cleaning
+        if now - self._logged >= PROGRESS_LOG_SECONDS or (last and self._logged != float("inf")):
+            self._logged = float("inf") if last else now  # the last line once
+            more = " planned so far (cleaning goes on)" if self.cleaning else ""
+            left = "" if self.cleaning else f", about {(self.total - self.done) / rate if rate else 0:.0f}s to go"
+            logger.info("Progress: %d of %d contacts%s (%.0f%%), %.0f contacts/s%s", self.done, self.total, more,
+                        100 * self.done / max(self.total, 1), rate, left)  # fmt: skip
+        if self._show is not None:
+            await self._show(result.outcomes.height, self.total)
+
+
+@dataclass
+class Sender:
+    """The run's one HTTP client, pacer and load session; each plan's chunks in groups (one task run each)."""
+
+    session: LoadSession
+    progress: Progress
+    _groups: dict[int, list[list[Chunk]]] = field(default_factory=dict)
+
+    def groups(self, plan: Plan) -> list[list[Chunk]]:
+        """``plan``'s rows as groups of at most ``CHUNKS_PER_LOAD_TASK`` chunks (cut once per plan)."""
+        if plan.number not in self._groups:
+            chunks = self.session.make_chunks(plan.to_send)
+            per = settings.CHUNKS_PER_LOAD_TASK
+            self._groups[plan.number] = [chunks[i : i + per] for i in range(0, len(chunks), per)]
+        return self._groups[plan.number]
+
+    def forget(self, plan: Plan) -> None:
+        self._groups.pop(plan.number, None)
+
+
+async def key_from_environment(block_name: str | None) -> str:
+    """The API key from ``APOLLO_API_KEY`` (plain runs have no Secret blocks), registered for redaction."""
+    key = os.environ.get(settings.ENV_API_KEY)
+    if not key or not key.strip():
+        raise ConfigError(f"no Apollo API key: set the {settings.ENV_API_KEY} environment variable (or pass --api-key)")
+    return api_key_from(key)
+
+
+async def open_sender(run: SyncRun, steps: Steps) -> tuple[ApolloClient, Sender]:
+    """The client (to close when done) and the run's sender, progress and rate limit wired in."""
+    apollo, load = run.params.apollo, run.params.load
+    key = await (steps.api_key or key_from_environment)(apollo.api_key_block)
+    progress = Progress(await steps.show_progress() if steps.show_progress else None)
+    before = steps.rate_limit(load.rate_limit_name) if steps.rate_limit and load.rate_limit_name else None
+    client = ApolloClient(apollo.base_url, key, auth=apollo.auth.value, timeout=load.timeout)
+    await client.__aenter__()
+    config = LoadConfig(target=run.target, run_id=run.run_id, labels=tuple(apollo.labels), run_dedupe=apollo.run_dedupe,
+                        concurrency=load.concurrency, chunk_size=load.chunk_size, mode=run.params.run.mode.value)  # fmt: skip
+    session = LoadSession(client, Pacer(max_rpm=load.max_rpm), run.ledger, config, before_request=before,
+                          on_chunk_done=progress.chunk_done)  # fmt: skip
+    return client, Sender(session, progress)
+
+
+class Stream:
+    """One run's sending side: takes each planned part, sends its groups (at most :data:`GROUPS_IN_FLIGHT` at once)
+    and writes every outcome to the results as it comes."""
+
+    def __init__(self, run: SyncRun, steps: Steps, results: ResultsStream):
+        self.run, self.steps, self.results = run, steps, results
+        self.sent = Sent()
+        self.client: ApolloClient | None = None
+        self.sender: Sender | None = None
+        self._in_flight: set[asyncio.Task] = set()
+        self._first = True
+
+    async def take(self, plan: Plan) -> None:
+        """Account for ``plan``'s unchanged rows and send (or in a dry run list) the rest."""
+        self.results.add(as_outcomes(plan.unchanged, "unchanged"))
+        if plan.dry_run:
+            self.results.add(would_send(plan.to_send))
+            return
+        if plan.rows_to_send == 0:
+            return
+        if self.sender is None:
+            self.client, self.sender = await open_sender(self.run, self.steps)
+        self.sender.progress.expect(plan.rows_to_send)
+        for group, chunks in enumerate(self.sender.groups(plan)):
+            while len(self._in_flight) >= GROUPS_IN_FLIGHT:
+                await self._one_done()
+            if self.sent.stopped is not None:  # nothing more is sent; every row still gets its outcome
+                rows = pl.concat([chunk.rows for chunk in chunks])
+                self.results.add(as_outcomes(rows, "failed", reason=f"not sent: the run stopped ({self.sent.stopped.message})"))
+                continue
+            if self._first:
+                self._first = False
+                logger.info("Sending the first request %.1fs after the run started", time.monotonic() - self.run.started)
+            self._in_flight.add(asyncio.ensure_future(self.steps.send(self.sender, plan, group)))
+        self.sender.forget(plan)
+
+    async def _one_done(self) -> None:
+        done, _ = await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            self._in_flight.discard(task)
+            result = task.result()
+            self.results.add(result.outcomes)
+            if result.stopped is not None and self.sent.stopped is None:
+                logger.error("Stopped: %s", result.stopped)
+            self.sent.groups.append(result)
+
+    async def finish(self) -> Sent:
+        """Wait for the groups still sending (every part is planned); close the client."""
+        if self.sender is None and not self.run.params.run.dry_run:
+            logger.info("Nothing new or changed since the last sync: no request needed")
+        if self.sender is not None:
+            self.sender.progress.cleaning = False
+        try:
+            while self._in_flight:
+                await self._one_done()
+        finally:
+            await self.close()
+        return self.sent
+
+    async def close(self) -> None:
+        for task in self._in_flight:
+            task.cancel()
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+            self._in_flight.clear()
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
