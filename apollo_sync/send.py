@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import polars as pl
@@ -194,6 +194,17 @@ async def open_sender(run: SyncRun, steps: Steps) -> tuple[ApolloClient, Sender]
     return client, Sender(session, progress)
 
 
+def whole_chunks(rows: pl.DataFrame, size: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(rows that fill whole chunks of ``size``, the rest): per kind of chunk (``cut_chunks`` keeps rows that must be
+    deduped, and updates, in chunks of their own), the last ``count % size`` rows of the kind wait."""
+    kind = [pl.col("must_dedupe").fill_null(True)]
+    if "update_id" in rows.columns:
+        kind.append(pl.col("update_id").is_null())
+    full = pl.int_range(pl.len()).over(kind) < (pl.len().over(kind) // size) * size
+    marked = rows.with_columns(full.alias("_full"))
+    return marked.filter("_full").drop("_full"), marked.filter(~pl.col("_full")).drop("_full")
+
+
 class Stream:
     """One run's sending side: takes each planned part, sends its groups (at most :data:`GROUPS_IN_FLIGHT` at once)
     and writes every outcome to the results as it comes."""
@@ -205,13 +216,20 @@ class Stream:
         self.sender: Sender | None = None
         self._in_flight: set[asyncio.Task] = set()
         self._first = True
+        self._carry: pl.DataFrame | None = None
 
-    async def take(self, plan: Plan) -> None:
-        """Account for ``plan``'s unchanged rows and send (or in a dry run list) the rest."""
+    async def take(self, plan: Plan, *, last: bool = False) -> None:
+        """Account for ``plan``'s unchanged rows and send (or in a dry run list) the rest. A part's rows that would
+        leave a chunk short wait for the next part (``last``: send them now), so parts cost no extra requests."""
         self.results.add(as_outcomes(plan.unchanged, "unchanged"))
         if plan.dry_run:
             self.results.add(would_send(plan.to_send))
             return
+        to_send = plan.to_send if self._carry is None else pl.concat([self._carry, plan.to_send], how="vertical_relaxed")
+        self._carry = None
+        if not last:
+            to_send, self._carry = whole_chunks(to_send, self.run.params.load.chunk_size)
+        plan = replace(plan, to_send=to_send)
         if plan.rows_to_send == 0:
             return
         if self.sender is None:
@@ -229,6 +247,12 @@ class Stream:
                 logger.info("Sending the first request %.1fs after the run started", time.monotonic() - self.run.started)
             self._in_flight.add(asyncio.ensure_future(self.steps.send(self.sender, plan, group)))
         self.sender.forget(plan)
+
+    async def take_rest(self) -> None:
+        """Send the rows still waiting for a whole chunk (the stream has ended)."""
+        if self._carry is not None and self._carry.height:
+            rest = Plan(-1, self._carry.head(0), self._carry.head(0), dry_run=False)
+            await self.take(rest, last=True)
 
     async def _one_done(self) -> None:
         done, _ = await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)

@@ -303,6 +303,7 @@ async def stream_parts(run: SyncRun, steps: Steps, source: Source, parts: str | 
             )  # fmt: skip
             number += 1
             await stream.take(plan)
+        await stream.take_rest()
         _log_prepared(cleaning.result(), source)
         await stream.finish()
     finally:

@@ -71,7 +71,7 @@ def test_fill_from_a_duplicate_in_a_later_batch() -> None:
         }
     )
     p = prepare(df, options=EngineOptions(batch_rows=2))
-    assert p.contacts.select("source_row", "title").rows() == [(1, "CEO"), (2, "CTO"), (3, None)]
+    assert p.contacts.sort("source_row").select("source_row", "title").rows() == [(1, "CEO"), (2, "CTO"), (3, None)]
     assert p.duplicates.rows() == [(4, "a@x.com", 1)]
     # The fingerprint is computed before the dedupe: a filled survivor's must be redone from its final fields.
     assert p.contacts.get_column("fingerprint").to_list() == _fingerprints_of(p.contacts)
@@ -179,6 +179,6 @@ def test_identity_hash_collisions_never_merge_different_identities(export, bits:
     df, truth = export
     honest = prepare(df.lazy(), options=EngineOptions(batch_rows=700))
     collided = prepare(df.lazy(), options=EngineOptions(batch_rows=700, hash_bits=bits))  # 1 or 2 hash values
-    for name in ("contacts", "rejected", "duplicates"):
-        assert_frame_equal(getattr(collided, name), getattr(honest, name))
+    for name in ("contacts", "rejected", "duplicates"):  # more candidates (held to the end): the order moves
+        assert_frame_equal(getattr(collided, name).sort("source_row"), getattr(honest, name).sort("source_row"))
     assert collided.duplicates.height == truth["duplicates_in_source"]

@@ -248,7 +248,7 @@ def test_duplicates_by_email_merge_into_the_first_and_fill_its_gaps() -> None:
         )
     )
     assert_frame_equal(
-        p.contacts.select("source_row", "email", "first_name", "title", "direct_phone"),
+        p.contacts.sort("source_row").select("source_row", "email", "first_name", "title", "direct_phone"),
         pl.DataFrame({"source_row": [1, 2], "email": ["a@x.com", "b@x.com"], "first_name": ["Ann", "Bob"],
                       "title": ["CEO", "CTO"], "direct_phone": ["+14155550123", None]}),
     )
@@ -266,7 +266,7 @@ def test_rows_without_email_dedupe_by_name_and_company_case_insensitively() -> N
                "Company": ["Apollo", "apollo", "Apollo", "Apollo Inc"]},
         )
     )
-    assert p.contacts.get_column("source_row").to_list() == [1, 3, 4]
+    assert sorted(p.contacts.get_column("source_row").to_list()) == [1, 3, 4]
     assert p.duplicates.select("source_row", "merged_into").rows() == [(2, 1)]
 
 
@@ -426,8 +426,9 @@ def test_constant_labels_without_a_labels_column_and_non_string_input() -> None:
 
 def test_a_survivor_gets_its_labels_from_a_later_duplicate() -> None:
     p = prepare(frame(Email=["a@x.com", "b@x.com", " A@x.com"], Tags=[None, "x", "vip; q4"]))
-    assert p.contacts.get_column("label_names").to_list() == [["vip", "q4"], ["x"]]
-    assert payloads(p)[0] == {"email": "a@x.com", "label_names": ["vip", "q4"]}
+    contacts = p.contacts.sort("source_row")
+    assert contacts.get_column("label_names").to_list() == [["vip", "q4"], ["x"]]
+    assert json.loads(with_payload(contacts).get_column("payload")[0]) == {"email": "a@x.com", "label_names": ["vip", "q4"]}
 
 
 def test_last_name_before_a_spaced_comma_has_no_trailing_space() -> None:

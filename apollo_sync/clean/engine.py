@@ -4,14 +4,16 @@ What a clean, valid, deduplicated contact *is* is stated in :mod:`apollo_sync.cl
 Python; this module gives the same results over whole columns, fast, and a property test holds the two together.
 The pipeline:
 
-1. **Batches** of ``options.batch_rows`` rows (a LazyFrame read through the streaming engine, the first batch
-   short), two at once in threads: each is mapped, cleaned and validated (:mod:`apollo_sync.clean.batch`), and its
-   identity hashes sorted in its worker (:func:`apollo_sync.clean.dedupe.identity_keys`).
-2. **Fingerprints** of every batch's rows, computed while the dedupe runs.
-3. **Dedupe** across batches from those hashes, reading back only the rows whose hash repeats
-   (:func:`apollo_sync.clean.dedupe.duplicate_groups`).
-4. **Merge** per batch again: rejected rows and duplicates dropped in one filter, survivors filled and their
-   fingerprints redone.
+1. **Identities first**: the identity columns alone (email, names, organization) are cleaned batch by batch with
+   the same functions, and each row's identity hashed (:func:`identity_pass`). The rows whose hash repeats are
+   the *candidates*: only they can be duplicates or survivors.
+2. **Batches** of ``options.batch_rows`` rows (a LazyFrame read through the streaming engine, the first batch
+   short), two at once in threads: each is mapped, cleaned and validated (:mod:`apollo_sync.clean.batch`), its
+   identities checked against the first read (a source that changed in between is refused), and every row
+   that is not a candidate is final at once: fingerprinted and handed to ``on_ready`` (a sending run plans and
+   sends it while the next batch is cleaned).
+3. **Dedupe** of the candidates once the source is read (:func:`apollo_sync.clean.dedupe.candidate_groups`), and
+   their **merge**: duplicates dropped, survivors filled, fingerprinted, handed over last.
 
 With ``out_dir`` every intermediate and result is a Parquet part on disk (:mod:`apollo_sync.clean.parts`) and the
 Prepared holds LazyFrames. How fast, and why it is built so: BENCHMARKS.md ("The transform").
@@ -31,16 +33,19 @@ import polars as pl
 from apollo_sync import settings
 from apollo_sync.clean.batch import clean_batch
 from apollo_sync.clean.columns import CONTACT_COLUMNS, SOURCE_ROW
-from apollo_sync.clean.dedupe import duplicate_groups, fingerprints, identity_keys, merge_batch
+from apollo_sync.clean.columns import KEY_HASH, POSITION
+from apollo_sync.clean.dedupe import candidate_groups, fingerprints, identity_hashes, merge_candidates, repeated_positions
 from apollo_sync.clean.frames import pick
-from apollo_sync.clean.mapping import CUSTOM_PREFIX, Mapping, plan_columns, require_identity
+from apollo_sync.clean.mapping import CUSTOM_PREFIX, FULL_NAME, ColumnPlan, Mapping, plan_columns, require_identity
 from apollo_sync.clean.options import EngineOptions
 from apollo_sync.clean.parts import Parts
 from apollo_sync.clean.phones import check_region
+from apollo_sync.errors import InputError
 
 T = TypeVar("T")
 R = TypeVar("R")
 
+DUPLICATES_SCHEMA = {SOURCE_ROW: pl.Int64, "email": pl.String, "merged_into": pl.Int64}
 PIPELINE_DEPTH = 2
 """Batches worked on at once, in threads (polars releases the GIL): one batch's single-threaded steps (eager
 Series work, library calls) overlap the other's, which measured ~1.5 -> ~1.8 of the 2 cores busy."""
@@ -101,12 +106,8 @@ def prepare(
     merged, so nothing holds every contact at once).
     """
     region = check_region(phone_region)
-    lf = frame.lazy()
-    names = lf.collect_schema().names()
-    lf = lf.with_columns(pl.exclude(SOURCE_ROW).cast(pl.String))  # the contract says String; be lenient
-    if SOURCE_ROW not in names:
-        lf = lf.with_row_index(SOURCE_ROW, offset=1)
-    lf = lf.with_columns(pl.col(SOURCE_ROW).cast(pl.Int64))
+    lf = numbered_rows(frame)
+    names = frame.lazy().collect_schema().names()
     mapping = mapping or Mapping()
     plan = plan_columns(names, mapping)
     require_identity(plan.sources, mapping, names)
@@ -114,45 +115,52 @@ def prepare(
     parts = Parts(out_dir)
     rows_read = 0
     phones_dropped = dict.fromkeys(settings.PHONE_DROP_REASONS, 0)
-    keys_per_batch: list[pl.DataFrame] = []  # per batch: (hash, position) of each identity, sorted by hash
-    heights: list[int] = []
-
-    def clean(
-        batch: tuple[int, pl.DataFrame],
-    ) -> tuple[int, pl.DataFrame, pl.DataFrame, dict[str, int], pl.DataFrame]:
-        offset, raw = batch
-        cleaned, rejected, dropped = clean_batch(raw, plan.sources, mapping, region, options)
-        return raw.height, cleaned, rejected, dropped, identity_keys(cleaned, offset, options)
-
-    def numbered(batches: Iterator[pl.DataFrame]) -> Iterator[tuple[int, pl.DataFrame]]:
-        offset = 0
-        for raw in batches:
-            yield offset, raw
-            offset += raw.height
 
     with ThreadPoolExecutor(max_workers=PIPELINE_DEPTH, thread_name_prefix="apollo-sync-prepare") as pool:
-        for height, cleaned, rejected, dropped, keys in in_order(pool, clean, numbered(batches(frame, lf, options))):
+        # Pass 1: every row's identity only, to know which rows can be duplicates or survivors (the candidates).
+        first = [identity_hashes(cleaned, options) for _, cleaned in identity_pass(pool, frame, lf, plan, mapping, region, options)]
+        hashes = pl.concat(first) if first else pl.Series(KEY_HASH, [], dtype=pl.UInt64)
+        candidates = repeated_positions(hashes)
+        del first
+
+        def clean(batch: tuple[int, pl.DataFrame]) -> tuple[int, pl.DataFrame, pl.DataFrame, pl.DataFrame, dict[str, int]]:
+            offset, raw = batch
+            cleaned, rejected, dropped = clean_batch(raw, plan.sources, mapping, region, options)
+            check_same_rows(identity_hashes(cleaned, options), hashes, offset)
+            position = pl.int_range(offset, offset + cleaned.height, dtype=pl.UInt32, eager=True)
+            held = position.is_in(candidates.slice(*window(candidates, offset, cleaned.height)).implode())
+            has_identity = cleaned.get_column("identity").is_not_null()  # a rejected row has none
+            ready = cleaned.filter(has_identity & ~held)
+            ready = contact_columns(ready.with_columns(fingerprints(ready)))
+            kept = cleaned.with_columns(position.alias(POSITION)).filter(has_identity & held)
+            return raw.height, ready, kept, rejected, dropped
+
+        # Pass 2: clean every row; those that cannot repeat are final at once and handed to on_ready.
+        for height, ready, kept, rejected, dropped in in_order(pool, clean, numbered(batches(frame, lf, options))):
             rows_read += height
             phones_dropped = {why: phones_dropped[why] + dropped[why] for why in phones_dropped}
             parts.put("rejected", rejected)
-            parts.put("clean", cleaned)
-            keys_per_batch.append(keys)
-            heights.append(height)
-        offsets = [sum(heights[:i]) for i in range(len(heights))]
-        # Fingerprints need no dedupe: they are computed while it runs, then redone for survivors it fills.
-        prints = [pool.submit(lambda i: fingerprints(parts.get("clean", i)), i) for i in range(len(heights))]
-        duplicates, groups = duplicate_groups(parts, keys_per_batch, offsets, heights)
-        parts.put("duplicates", duplicates)
+            if kept.height:
+                parts.put("candidates", kept)
+            if ready.height or not parts.count.get("contacts"):
+                parts.put("contacts", ready)
+                if on_ready is not None and ready.height:
+                    on_ready(ready)
+        if rows_read != hashes.len():
+            raise InputError(source_changed(f"{hashes.len():,} rows on the first read, {rows_read:,} on the second"))
 
-        def finish(index: int) -> pl.DataFrame:
-            fingerprint = prints[index].result()  # before take(): that removes the part the fingerprints read
-            rows = parts.take("clean", index).with_columns(fingerprint)
-            return contact_columns(merge_batch(rows, groups, offsets[index]))
-
-        for contacts in in_order(pool, finish, range(len(heights))):
-            parts.put("contacts", contacts)
-            if on_ready is not None:
-                on_ready(contacts)
+    # The candidates: dedupe them, then their survivors (and those whose identity did not repeat after all).
+    duplicates = pl.DataFrame(schema=DUPLICATES_SCHEMA)
+    if parts.count.get("candidates"):
+        duplicates, groups = candidate_groups(parts, options)
+        for index in range(parts.count["candidates"]):
+            merged = contact_columns(merge_candidates(parts.take("candidates", index), groups))
+            if merged.height:
+                parts.put("contacts", merged)
+                if on_ready is not None:
+                    on_ready(merged)
+        parts.drop("candidates")
+    parts.put("duplicates", duplicates.cast(DUPLICATES_SCHEMA))
     return Prepared(
         contacts=parts.frame("contacts"),
         rejected=parts.frame("rejected"),
@@ -164,6 +172,97 @@ def prepare(
         phones_dropped_by_reason=phones_dropped,
         **parts.finish(rows_read=rows_read, phones_dropped=sum(phones_dropped.values())),
     )
+
+
+def identities(
+    frame: pl.LazyFrame | pl.DataFrame,
+    *,
+    mapping: Mapping | None = None,
+    phone_region: str = settings.DEFAULT_PHONE_REGION,
+    options: EngineOptions = EngineOptions(),
+) -> pl.DataFrame:
+    """``source_row`` and ``identity`` of every row that has one (not rejected for its identity), before dedupe:
+    what :func:`prepare` would key each row by, from the identity columns alone (email, names, organization).
+
+    A row rejected only for a too large cell elsewhere still appears here (prepare() rejects it)."""
+    region = check_region(phone_region)
+    lf = numbered_rows(frame)
+    names = frame.lazy().collect_schema().names()
+    mapping = mapping or Mapping()
+    plan = plan_columns(names, mapping)
+    require_identity(plan.sources, mapping, names)
+    with ThreadPoolExecutor(max_workers=PIPELINE_DEPTH, thread_name_prefix="apollo-sync-identities") as pool:
+        found = [
+            cleaned.select(SOURCE_ROW, "identity").filter(pl.col("identity").is_not_null())
+            for _, cleaned in identity_pass(pool, frame, lf, plan, mapping, region, options)
+        ]
+    return pl.concat(found) if found else pl.DataFrame(schema={SOURCE_ROW: pl.Int64, "identity": pl.String})
+
+
+IDENTITY_TARGETS = ("email", "first_name", "last_name", FULL_NAME, "organization_name")
+"""What a row's identity is made of: its email, else first name + last name + organization."""
+
+
+def identity_pass(
+    pool: ThreadPoolExecutor,
+    frame: pl.LazyFrame | pl.DataFrame,
+    lf: pl.LazyFrame,
+    plan: ColumnPlan,
+    mapping: Mapping,
+    region: str,
+    options: EngineOptions,
+) -> Iterator[tuple[int, pl.DataFrame]]:
+    """(offset, cleaned rows with ``identity``) of each batch, cleaning only the identity columns: the same
+    functions as the full clean on fewer columns, so a row's identity is the one prepare() gives it."""
+    sources = {target: cols for target, cols in plan.sources.items() if target in IDENTITY_TARGETS}
+    only = Mapping(constants={k: v for k, v in mapping.constants.items() if k in IDENTITY_TARGETS})
+    columns = [SOURCE_ROW, *dict.fromkeys(c for cs in sources.values() for c in cs)]
+
+    def clean(batch: tuple[int, pl.DataFrame]) -> tuple[int, pl.DataFrame]:
+        offset, raw = batch
+        return offset, clean_batch(raw, sources, only, region, options)[0]
+
+    yield from in_order(pool, clean, numbered(batches(frame, lf.select(columns), options)))
+
+
+def numbered_rows(frame: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
+    """``frame`` as text columns with an Int64 ``source_row`` (numbered from 1 when absent)."""
+    lf = frame.lazy()
+    names = lf.collect_schema().names()
+    lf = lf.with_columns(pl.exclude(SOURCE_ROW).cast(pl.String))  # the contract says String; be lenient
+    if SOURCE_ROW not in names:
+        lf = lf.with_row_index(SOURCE_ROW, offset=1)
+    return lf.with_columns(pl.col(SOURCE_ROW).cast(pl.Int64))
+
+
+def numbered(items: Iterator[pl.DataFrame]) -> Iterator[tuple[int, pl.DataFrame]]:
+    """(offset of its first row, batch) of each batch."""
+    offset = 0
+    for raw in items:
+        yield offset, raw
+        offset += raw.height
+
+
+def window(positions: pl.Series, offset: int, height: int) -> tuple[int, int]:
+    """(start, length) of the slice of sorted ``positions`` within ``[offset, offset + height)``."""
+    start = positions.search_sorted(offset)
+    return start, positions.search_sorted(offset + height) - start
+
+
+def check_same_rows(second: pl.Series, first: pl.Series, offset: int) -> None:
+    """InputError unless each row with an identity on the second read has the identity it had on the first (the
+    dedupe planned on the first read; a source that changed between the two must not be sent)."""
+    before = first.slice(offset, second.len())
+    if before.len() != second.len():
+        raise InputError(source_changed("more rows on the second read than on the first"))
+    differs = (second != before).fill_null(False) | (second.is_not_null() & before.is_null())
+    if differs.any():
+        row = offset + int(differs.arg_max()) + 1
+        raise InputError(source_changed(f"row {row:,} differs between the two reads"))
+
+
+def source_changed(detail: str) -> str:
+    return f"the source changed while it was read ({detail}); nothing of it was planned from the change: run again"
 
 
 def in_order(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:

@@ -105,6 +105,12 @@ class Parts:
             return pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]
         return pl.read_parquet(self.dir / f"{kind}-*.parquet", columns=columns)
 
+    def schema(self, kind: str) -> pl.Schema:
+        """The columns of ``kind``'s parts (there must be one)."""
+        if self.dir is None:
+            return next(df for df in self.memory[kind] if df is not None).schema
+        return pl.read_parquet_schema(self.path(kind, 0))
+
     def drop(self, kind: str) -> None:
         """Forget every part of ``kind`` (memory freed, files removed)."""
         self.memory.pop(kind, None)
