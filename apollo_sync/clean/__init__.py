@@ -8,7 +8,7 @@ the fingerprint: :mod:`apollo_sync.clean.payload`.
 """
 
 from apollo_sync.clean.columns import CONTACT_COLUMNS
-from apollo_sync.clean.engine import Prepared, prepare
+from apollo_sync.clean.engine import Prepared, identities, prepare
 from apollo_sync.clean.mapping import Mapping, load_mapping
 from apollo_sync.clean.options import EngineOptions
 from apollo_sync.clean.parts import DONE_MARKER, prune_prepared, reopen_parts
@@ -19,6 +19,7 @@ __all__ = [
     "EngineOptions",
     "Mapping",
     "Prepared",
+    "identities",
     "load_mapping",
     "prepare",
     "prune_prepared",
