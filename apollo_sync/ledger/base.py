@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from urllib.parse import urlsplit, urlunsplit
@@ -21,7 +22,9 @@ from apollo_sync import settings
 from apollo_sync.errors import InputError
 from apollo_sync.processes import pid_alive
 
-__all__ = ["CONFIRMED", "HOST", "LEDGER_SCHEMA", "Claim", "Ledger", "now", "pid_alive", "recorded_rows", "target_for"]
+__all__ = [
+    "CONFIRMED", "HOST", "LEDGER_SCHEMA", "LOSERS_SCHEMA", "Claim", "Ledger", "now", "pid_alive", "recorded_rows", "target_for",
+]  # fmt: skip
 
 CONFIRMED = ("created", "existing", "updated")
 STATUSES = ("pending", "created", "existing", "updated", "failed")
@@ -38,6 +41,16 @@ LEDGER_SCHEMA = {
     "field_hashes": pl.String,
 }
 """The frame ``_known`` returns: what the ledger holds per identity for one target."""
+LOSERS_SCHEMA = {
+    "partition": pl.Int64,
+    "source_row": pl.Int64,
+    "identity": pl.String,
+    "winner_partition": pl.Int64,
+    "winner_label": pl.String,
+    "winner_row": pl.Int64,
+}
+"""Rows of a ``sync-partitions`` run that another partition sends (``apollo_sync.partitions.partition_losers``):
+this partition's row and identity, and the partition (number and label) and row whose version is sent instead."""
 MODES = ("create", "upsert")
 HOST = socket.gethostname()
 """This machine's name, stored with each run's heartbeat so runs on this host can be checked for a live process."""
@@ -201,7 +214,6 @@ class Ledger(abc.ABC):
             except Exception:  # noqa: BLE001 - closing must not fail; the lease expires on its own
                 pass
 
-    @abc.abstractmethod
     def record(self, target: str, outcomes: pl.DataFrame, run_id: str) -> None:
         """Record answers: ``outcomes`` has ``identity``, ``fingerprint``, ``outcome``, ``apollo_id`` and optionally
         ``status`` (overrides the status the outcome implies) and ``field_hashes``; one transaction.
@@ -211,6 +223,21 @@ class Ledger(abc.ABC):
         status, cleared for ``existing`` and left as they were otherwise (the last confirmed values stay the base
         of the next diff).
         """
+        rows = recorded_rows(outcomes)
+        if rows.height:
+            self._record(target, list(rows.iter_rows()), run_id)
+
+    def record_rows(self, target: str, rows: Iterable[tuple], run_id: str) -> None:
+        """:meth:`record` for plain tuples ``(identity, fingerprint, apollo_id, status, field_hashes)`` (the load
+        session's buffer: no frame per chunk); the same rules, one transaction."""
+        kept = {row[0]: row for row in rows if row[3] in RECORDED}  # one row per identity: the last wins
+        if kept:
+            self._record(target, list(kept.values()), run_id)
+
+    @abc.abstractmethod
+    def _record(self, target: str, rows: list[tuple], run_id: str) -> None:
+        """Store ``rows`` (``identity, fingerprint, apollo_id, status, field_hashes``; one per identity, statuses of
+        :data:`RECORDED`) in one transaction."""
 
     @abc.abstractmethod
     def get_mark(self, key: str) -> str | None:
@@ -223,6 +250,25 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     def status_counts(self, target: str) -> dict[str, int]:
         """How many identities the ledger holds for ``target`` in each status."""
+
+    # --- partitions of one parent run, and pruning (``apollo_sync.partitions``) ------------------------------
+
+    @abc.abstractmethod
+    def store_losers(self, parent_run_id: str, losers: pl.DataFrame) -> None:
+        """Keep ``losers`` (:data:`LOSERS_SCHEMA`) for the partitions of ``parent_run_id``, replacing what that run
+        stored before (a retried parent), and start the parent's row in ``sync_runs`` so they are pruned with it:
+        one transaction."""
+
+    @abc.abstractmethod
+    def losers(self, parent_run_id: str, partition: int, first_row: int, last_row: int) -> pl.DataFrame:
+        """The stored losers of ``partition`` of ``parent_run_id`` with ``source_row`` in
+        [``first_row``, ``last_row``] (:data:`LOSERS_SCHEMA`)."""
+
+    @abc.abstractmethod
+    def prune_runs(self, retention_seconds: float) -> int:
+        """Delete the ``sync_runs`` rows with no heartbeat for ``retention_seconds`` (at least the lease: finished
+        runs, and runs that died, whose claims anyone may take over anyway) and the losers of parent runs whose row
+        is gone; returns how many runs were deleted. A run's ``sync_ledger`` rows are kept: they are the memory."""
 
     @abc.abstractmethod
     def close(self) -> None:

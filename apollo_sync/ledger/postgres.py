@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlsplit
 import polars as pl
 
 from apollo_sync.errors import InputError
-from apollo_sync.ledger.base import HOST, LEDGER_SCHEMA, Claim, Ledger, pid_alive, recorded_rows
+from apollo_sync.ledger.base import HOST, LEDGER_SCHEMA, LOSERS_SCHEMA, Claim, Ledger, pid_alive
 
 SCHEMES = ("postgresql", "postgres")
 _SCHEMA_LOCK = 72_616_571  # pg_advisory_xact_lock key while creating the tables
@@ -49,6 +49,17 @@ _SCHEMA = (
         pid          INTEGER,
         heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         finished     BOOLEAN NOT NULL DEFAULT false
+    )""",
+    # sync-partitions: which rows of a parent run's partitions another partition sends (pruned with the parent's run)
+    """CREATE TABLE IF NOT EXISTS sync_partition_losers (
+        parent_run_id    TEXT NOT NULL,
+        partition        INTEGER NOT NULL,
+        source_row       BIGINT NOT NULL,
+        identity         TEXT NOT NULL,
+        winner_partition INTEGER NOT NULL,
+        winner_label     TEXT,
+        winner_row       BIGINT NOT NULL,
+        PRIMARY KEY (parent_run_id, partition, source_row)
     )""",
 )
 _HEARTBEAT = """
@@ -87,6 +98,22 @@ _MARK_PENDING = """
     FROM unnest(%(identities)s::text[], %(fingerprints)s::text[]) AS u(identity, fingerprint)
     ON CONFLICT (target, identity) DO UPDATE SET
         fingerprint = excluded.fingerprint, status = 'pending', run_id = excluded.run_id, updated_at = now()
+"""
+_STORE_LOSERS = """
+    INSERT INTO sync_partition_losers
+        (parent_run_id, partition, source_row, identity, winner_partition, winner_label, winner_row)
+    SELECT %(parent)s, u.* FROM unnest(%(partition)s::int[], %(source_row)s::bigint[], %(identity)s::text[],
+                                       %(winner_partition)s::int[], %(winner_label)s::text[], %(winner_row)s::bigint[])
+        AS u(partition, source_row, identity, winner_partition, winner_label, winner_row)
+"""
+_LOSERS = """
+    SELECT partition, source_row, identity, winner_partition, winner_label, winner_row FROM sync_partition_losers
+    WHERE parent_run_id = %s AND partition = %s AND source_row BETWEEN %s AND %s ORDER BY source_row
+"""
+_PRUNE_RUNS = "DELETE FROM sync_runs WHERE heartbeat_at < now() - make_interval(secs => %s)"
+_PRUNE_LOSERS = """
+    DELETE FROM sync_partition_losers AS l
+    WHERE NOT EXISTS (SELECT 1 FROM sync_runs AS r WHERE r.run_id = l.parent_run_id)
 """
 _SET_MARK = """
     INSERT INTO sync_marks (mark_key, mark_value, updated_at) VALUES (%s, %s, now())
@@ -194,19 +221,10 @@ class PostgresLedger(Ledger):
         with self._lock:
             self._db.execute(_MARK_PENDING, params)
 
-    def record(self, target: str, outcomes: pl.DataFrame, run_id: str) -> None:
-        kept = recorded_rows(outcomes)  # one row per identity: one statement may not touch a row twice
-        if kept.height == 0:
-            return
-        params = {
-            "target": target,
-            "run_id": run_id,
-            "identities": kept["identity"].to_list(),
-            "fingerprints": kept["fingerprint"].to_list(),
-            "apollo_ids": kept["apollo_id"].to_list(),
-            "statuses": kept["status"].to_list(),
-            "hashes": kept["field_hashes"].to_list(),
-        }
+    def _record(self, target: str, rows: list[tuple], run_id: str) -> None:
+        identities, fingerprints, apollo_ids, statuses, hashes = (list(column) for column in zip(*rows))
+        params = {"target": target, "run_id": run_id, "identities": identities, "fingerprints": fingerprints,
+                  "apollo_ids": apollo_ids, "statuses": statuses, "hashes": hashes}  # fmt: skip
         with self._lock:
             self._db.execute(_RECORD, params)
 
@@ -225,6 +243,26 @@ class PostgresLedger(Ledger):
                 "SELECT status, COUNT(*) FROM sync_ledger WHERE target = %s GROUP BY status", (target,)
             ).fetchall()
         return {status: count for status, count in rows}
+
+    def store_losers(self, parent_run_id: str, losers: pl.DataFrame) -> None:
+        columns = {name: losers.get_column(name).to_list() for name in LOSERS_SCHEMA}
+        with self._lock, self._db.transaction():
+            self._db.execute(_HEARTBEAT, (parent_run_id, HOST, os.getpid()))
+            self._db.execute("DELETE FROM sync_partition_losers WHERE parent_run_id = %s", (parent_run_id,))
+            if losers.height:
+                self._db.execute(_STORE_LOSERS, {"parent": parent_run_id, **columns})
+
+    def losers(self, parent_run_id: str, partition: int, first_row: int, last_row: int) -> pl.DataFrame:
+        with self._lock:
+            rows = self._db.execute(_LOSERS, (parent_run_id, partition, first_row, last_row)).fetchall()
+        return pl.DataFrame(rows, schema=LOSERS_SCHEMA, orient="row")
+
+    def prune_runs(self, retention_seconds: float) -> int:
+        keep = float(max(retention_seconds, self.lease_seconds))
+        with self._lock, self._db.transaction():
+            pruned = self._db.execute(_PRUNE_RUNS, (keep,)).rowcount
+            self._db.execute(_PRUNE_LOSERS)
+        return pruned
 
     def close(self) -> None:
         if self._db.closed:

@@ -18,7 +18,7 @@ import polars as pl
 
 from apollo_sync.errors import InputError
 from apollo_sync.files import private_dir, touch_private
-from apollo_sync.ledger.base import HOST, LEDGER_SCHEMA, Claim, Ledger, now, pid_alive, recorded_rows
+from apollo_sync.ledger.base import HOST, LEDGER_SCHEMA, LOSERS_SCHEMA, Claim, Ledger, now, pid_alive
 
 LEDGER_FILE = "ledger.sqlite3"
 """The file name of the SQLite ledger inside ``state_dir``."""
@@ -46,6 +46,17 @@ _SCHEMA = (
         pid          INTEGER,
         heartbeat_at REAL NOT NULL,
         finished     INTEGER NOT NULL DEFAULT 0
+    )""",
+    # sync-partitions: which rows of a parent run's partitions another partition sends (pruned with the parent's run)
+    """CREATE TABLE IF NOT EXISTS sync_partition_losers (
+        parent_run_id    TEXT NOT NULL,
+        partition        INTEGER NOT NULL,
+        source_row       INTEGER NOT NULL,
+        identity         TEXT NOT NULL,
+        winner_partition INTEGER NOT NULL,
+        winner_label     TEXT,
+        winner_row       INTEGER NOT NULL,
+        PRIMARY KEY (parent_run_id, partition, source_row)
     )""",
 )
 
@@ -86,6 +97,19 @@ _HEARTBEAT = """
     INSERT INTO sync_runs (run_id, host, pid, heartbeat_at, finished) VALUES (?, ?, ?, ?, 0)
     ON CONFLICT (run_id) DO UPDATE SET host = excluded.host, pid = excluded.pid,
         heartbeat_at = excluded.heartbeat_at, finished = 0
+"""
+_STORE_LOSERS = """
+    INSERT INTO sync_partition_losers
+        (parent_run_id, partition, source_row, identity, winner_partition, winner_label, winner_row)
+    VALUES (?, ?, ?, ?, ?, ?, ?)
+"""
+_LOSERS = """
+    SELECT partition, source_row, identity, winner_partition, winner_label, winner_row FROM sync_partition_losers
+    WHERE parent_run_id = ? AND partition = ? AND source_row BETWEEN ? AND ? ORDER BY source_row
+"""
+_PRUNE_LOSERS = """
+    DELETE FROM sync_partition_losers
+    WHERE NOT EXISTS (SELECT 1 FROM sync_runs AS r WHERE r.run_id = sync_partition_losers.parent_run_id)
 """
 _SET_MARK = """
     INSERT INTO sync_marks (mark_key, mark_value, updated_at) VALUES (?, ?, ?)
@@ -186,13 +210,10 @@ class SQLiteLedger(Ledger):
         self._write("UPDATE sync_runs SET finished = 1 WHERE run_id = ?", dead)
         return bool(dead)
 
-    def record(self, target: str, outcomes: pl.DataFrame, run_id: str) -> None:
+    def _record(self, target: str, rows: list[tuple], run_id: str) -> None:
         stamp = now()
-        rows = recorded_rows(outcomes)
-        params = [
-            (target, identity, fp, apollo_id, status, run_id, stamp, hashes)
-            for identity, fp, apollo_id, status, hashes in rows.iter_rows()
-        ]
+        params = [(target, identity, fp, apollo_id, status, run_id, stamp, hashes)
+                  for identity, fp, apollo_id, status, hashes in rows]  # fmt: skip
         self._write(_RECORD, params)
 
     def get_mark(self, key: str) -> str | None:
@@ -209,6 +230,37 @@ class SQLiteLedger(Ledger):
                 "SELECT status, COUNT(*) FROM sync_ledger WHERE target = ? GROUP BY status", (target,)
             ).fetchall()
         return {status: count for status, count in rows}
+
+    def store_losers(self, parent_run_id: str, losers: pl.DataFrame) -> None:
+        rows = [(parent_run_id, *row) for row in losers.select(list(LOSERS_SCHEMA)).iter_rows()]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(_HEARTBEAT, (parent_run_id, HOST, os.getpid(), time.time()))
+                self._db.execute("DELETE FROM sync_partition_losers WHERE parent_run_id = ?", (parent_run_id,))
+                self._db.executemany(_STORE_LOSERS, rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def losers(self, parent_run_id: str, partition: int, first_row: int, last_row: int) -> pl.DataFrame:
+        with self._lock:
+            rows = self._db.execute(_LOSERS, (parent_run_id, partition, first_row, last_row)).fetchall()
+        return pl.DataFrame(rows, schema=LOSERS_SCHEMA, orient="row")
+
+    def prune_runs(self, retention_seconds: float) -> int:
+        cutoff = time.time() - max(retention_seconds, self.lease_seconds)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                pruned = self._db.execute("DELETE FROM sync_runs WHERE heartbeat_at < ?", (cutoff,)).rowcount
+                self._db.execute(_PRUNE_LOSERS)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return pruned
 
     def close(self) -> None:
         self._finish_own_runs()

@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
@@ -50,7 +52,7 @@ from apollo_sync.load.retry import Action, Attempt, Decision, RetryPolicy, Tries
 from apollo_sync.load.upsert import upsert
 
 if TYPE_CHECKING:
-    from apollo_sync.ledger import Ledger
+    from apollo_sync.ledger import Claim, Ledger
 
 logger = logging.getLogger(__name__)
 
@@ -182,11 +184,15 @@ class LoadSession:
         """Send ``chunks`` with at most ``concurrency`` chunks in flight (over every ``load`` call running at once:
         the next group may start while the last requests of one finish); an outcome for every row.
 
+        The ledger sees one claim for the whole group before its first request and the answers in batches (one
+        transaction at most every ``RECORD_SECONDS``, and at the end): per chunk only plain lists are built.
         When the run stopped (now or on an earlier call), the result's ``stopped`` says why.
         """
         call = LoadStats()
         results: list[pl.DataFrame | None] = [None] * len(chunks)
         pending = iter(range(len(chunks)))
+        claim = claim_group(self.ledger, self.config, chunks) if self.ledger and self.stopped is None and chunks else None
+        records = Records(self.ledger, self.config.target, self.config.run_id)
         heartbeat = asyncio.create_task(renew_claims(self.ledger, self.config.run_id)) if self.ledger and chunks else None
         try:
             async with asyncio.TaskGroup() as group:
@@ -195,36 +201,38 @@ class LoadSession:
                     for index in pending:
                         chunk = chunks[index]
                         async with self._slots:
-                            frame, to_record, requests = await self._load_chunk(chunk, call)
+                            frame, to_record, requests = await self._load_chunk(chunk, claim, call)
                         results[index] = frame
-                        # Recording runs in its own task, beside the next request of this slot.
-                        group.create_task(self._finish_chunk(chunk, frame, to_record, requests, call))
+                        records.add(to_record)
+                        await self._finish_chunk(chunk, frame, requests, call)
 
                 for _ in range(min(self.config.concurrency, len(chunks))):
                     group.create_task(worker())
         finally:
             if heartbeat is not None:
                 heartbeat.cancel()
+            records.flush()
         frames = [frame for frame in results if frame is not None]
         outcomes = pl.concat(frames) if frames else pl.DataFrame(schema=OUTCOMES_SCHEMA)
         return GroupResult(outcomes, call, self.stopped)
 
-    async def _load_chunk(self, chunk: Chunk, call: LoadStats) -> tuple[pl.DataFrame, pl.DataFrame | None, int]:
-        """Claim, send (create, or in upsert mode :func:`~apollo_sync.load.upsert.upsert`); returns (outcomes of every
-        row, what the ledger records of the sent rows or None, requests made)."""
+    async def _load_chunk(self, chunk: Chunk, claim: Claim | None, call: LoadStats) -> tuple[pl.DataFrame, list[tuple], int]:
+        """Send the chunk's claimed rows (create, or in upsert mode :func:`~apollo_sync.load.upsert.upsert`); returns
+        (outcomes of every row, what the ledger records of the sent rows, requests made)."""
         send = chunk.rows
         refused = None
         dedupe = self.config.run_dedupe or chunk.must_dedupe
         sendable = self.stopped is None  # once stopped nothing is sent, so nothing goes in the ledger
-        if sendable and self.ledger is not None:
-            claim = self.ledger.claim(self.config.target, chunk.rows, self.config.run_id)
-            if claim.refused:
-                held = pl.col("identity").is_in(list(claim.refused))
-                refused = claimed_elsewhere(chunk.rows.filter(held), claim.refused)
-                send = chunk.rows.filter(~held)
-                self.count(call, "claimed_elsewhere", refused.height)
-            dedupe = dedupe or bool(claim.seen)  # the ledger knew some of these rows: they may have landed
         rows = RequestRows.of(send)
+        if sendable and claim is not None:
+            held = [i for i, identity in enumerate(rows.identity) if identity in claim.refused]
+            if held:
+                refused = claimed_elsewhere(send[held], claim.refused)
+                kept = [i for i, identity in enumerate(rows.identity) if identity not in claim.refused]
+                send, rows = send[kept], rows.pick(kept)
+                self.count(call, "claimed_elsewhere", refused.height)
+            # The ledger knew some of these rows: they may have landed.
+            dedupe = dedupe or any(identity in claim.seen for identity in rows.identity)
         requests_before = call.requests
         ends: list[RowOutcome] = []
         if len(rows) and self.config.mode == "upsert":
@@ -232,19 +240,16 @@ class LoadSession:
         elif len(rows):
             ends = await self.create(rows, dedupe, call)
         sent = outcomes_frame(rows, ends)
-        to_record = ledger_rows(sent, send, rows, ends) if sendable else None
+        # Rows this run claimed end in the ledger as they end here (after a stop: failed, not left pending).
+        to_record = ledger_rows(rows, ends) if sendable or claim is not None else []
         frame = sent if refused is None else pl.concat([sent, refused], how="vertical")
         return frame, to_record, call.requests - requests_before
 
-    async def _finish_chunk(
-        self, chunk: Chunk, frame: pl.DataFrame, to_record: pl.DataFrame | None, requests: int, call: LoadStats
-    ) -> None:
-        """Record the chunk's outcomes in the ledger (one transaction), count them, tell ``on_chunk_done``."""
-        if to_record is not None and to_record.height and self.ledger is not None:
-            self.ledger.record(self.config.target, to_record, self.config.run_id)
+    async def _finish_chunk(self, chunk: Chunk, frame: pl.DataFrame, requests: int, call: LoadStats) -> None:
+        """Count the chunk's outcomes, tell ``on_chunk_done``."""
         self.count(call, "chunks")
         self.count(call, "rows", frame.height)
-        for outcome, n in frame["outcome"].value_counts().iter_rows():
+        for outcome, n in Counter(frame.get_column("outcome").to_list()).items():
             if outcome in ("created", "existing", "updated", "failed", "unconfirmed"):
                 self.count(call, outcome, n)
         if self.on_chunk_done is not None:
@@ -425,11 +430,38 @@ def created_outcomes(rows: RequestRows, answer: BulkCreateResponse, tries: Tries
     return outcomes, matched.unmatched_returned
 
 
-def ledger_rows(sent: pl.DataFrame, chunk_rows: pl.DataFrame, rows: RequestRows, ends: Sequence[RowOutcome]) -> pl.DataFrame:
-    """What ``Ledger.record`` gets for the sent rows: their outcomes, identity and fingerprint, the status to store
-    and the field hashes of the values sent."""
-    extra = pl.DataFrame(
-        {"status": [end.status or end.outcome for end in ends], "field_hashes": rows.field_hashes},
-        schema={"status": pl.String, "field_hashes": pl.String},
-    )
-    return pl.concat([sent, chunk_rows.select("identity", "fingerprint"), extra], how="horizontal")
+def ledger_rows(rows: RequestRows, ends: Sequence[RowOutcome]) -> list[tuple]:
+    """What the ledger records of the sent rows: ``(identity, fingerprint, apollo_id, status, field_hashes)`` with
+    the status to store and the field hashes of the values sent (``Ledger.record_rows`` keeps the recorded ones)."""
+    return [
+        (identity, fingerprint, end.apollo_id, end.status or end.outcome, hashes)
+        for identity, fingerprint, hashes, end in zip(rows.identity, rows.fingerprint, rows.field_hashes, ends)
+    ]
+
+
+def claim_group(ledger: Ledger, config: LoadConfig, chunks: Sequence[Chunk]) -> Claim:
+    """One claim of every row of ``chunks`` (the ledger is asked once per group, not per chunk)."""
+    rows = pl.concat([chunk.rows.select("identity", "fingerprint") for chunk in chunks], how="vertical")
+    return ledger.claim(config.target, rows, config.run_id)
+
+
+class Records:
+    """A group's answers for the ledger, written in one transaction at most every ``RECORD_SECONDS`` (and on
+    :meth:`flush`). A process killed in between leaves those rows ``pending``: the next run sends them with
+    dedupe, so nothing is created twice."""
+
+    def __init__(self, ledger: Ledger | None, target: str, run_id: str):
+        self.ledger, self.target, self.run_id = ledger, target, run_id
+        self.rows: list[tuple] = []
+        self.written = time.monotonic()
+
+    def add(self, rows: list[tuple]) -> None:
+        self.rows.extend(rows)
+        if time.monotonic() - self.written >= settings.RECORD_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows and self.ledger is not None:
+            self.ledger.record_rows(self.target, self.rows, self.run_id)
+        self.rows = []
+        self.written = time.monotonic()
