@@ -1,7 +1,9 @@
 """Benchmark: prepare() on a messy CRM export against plain read_csv + email lower/filter/unique.
 
-``uv run python bench/bench_transform.py --rows 1000000`` generates the export in a temp dir
-(bench/make_crm_export.py), then runs each phase in its own child process, so each peak RSS is that
+``uv run python bench/bench_transform.py --rows 1000000 [--phones random]`` generates the export in a temp dir
+(bench/make_crm_export.py; ``--phones realistic``, the default, holds numbers that exist in the row's country,
+about 95% valid; ``--phones random`` is the worst case for the phone rule: random digits, 43% of the US shapes
+invalid, 40% read in another country's rules), then runs each phase in its own child process, so each peak RSS is that
 phase's alone (the child reports its ``VmHWM`` from /proc/self/status; time excludes interpreter start and
 imports):
 
@@ -12,7 +14,7 @@ Each phase runs ``--repeat`` times (default 3), interleaved; the best time of ea
 peak RSS is kept. It prints rows/s, the time ratio prepare/reference and peak RSS of each, checks the counts
 against the generator's truth, and exits non-zero when the goal (ratio <= 3, RSS <= 1.5 GiB) or a count
 is missed.
-``run(rows) -> dict`` does the same for bench/run.py.
+``run(rows, seed, repeat, phones) -> dict`` does the same for bench/run.py.
 """
 
 from __future__ import annotations
@@ -81,15 +83,16 @@ def _best(samples: list[dict]) -> dict:
     return best
 
 
-def run(rows: int, seed: int = 7, repeat: int = 3) -> dict:
-    """Generate ``rows`` rows, run both phases ``repeat`` times (best time, worst RSS), return the figures."""
+def run(rows: int, seed: int = 7, repeat: int = 3, phones: str = "realistic") -> dict:
+    """Generate ``rows`` rows (``phones``: see bench/make_crm_export.py), run both phases ``repeat`` times (best
+    time, worst RSS), return the figures."""
     sys.path.insert(0, str(HERE))
     from make_crm_export import write_export
 
     with tempfile.TemporaryDirectory(prefix="apollo-sync-bench-") as tmp:
         csv = Path(tmp) / "crm_export.csv"
         t0 = time.perf_counter()
-        truth = write_export(rows, csv, seed)
+        truth = write_export(rows, csv, seed, phones=phones)
         generate_seconds = time.perf_counter() - t0
         size = csv.stat().st_size
         runs: dict[str, list[dict]] = {"reference": [], "prepare": []}
@@ -101,6 +104,7 @@ def run(rows: int, seed: int = 7, repeat: int = 3) -> dict:
     counts_ok = all(prepared[k] == truth[k] for k in ("invalid_email", "missing_identity", "duplicates_in_source"))
     return {
         "rows": rows,
+        "phones": phones,
         "repeat": repeat,
         "csv_bytes": size,
         "generate_seconds": round(generate_seconds, 2),
@@ -115,7 +119,8 @@ def run(rows: int, seed: int = 7, repeat: int = 3) -> dict:
 
 def _print(figures: dict) -> None:
     mib = 1024**2
-    print(f"rows {figures['rows']:,}  csv {figures['csv_bytes'] / mib:.0f} MiB  (generated in {figures['generate_seconds']} s)")
+    print(f"rows {figures['rows']:,} ({figures['phones']} phones)  csv {figures['csv_bytes'] / mib:.0f} MiB  "
+          f"(generated in {figures['generate_seconds']} s)")
     for name in ("reference", "prepare"):
         f = figures[name]
         print(
@@ -135,6 +140,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--repeat", type=int, default=3, help="runs of each phase; the best time counts")
+    parser.add_argument("--phones", choices=("realistic", "random"), default="realistic",
+                        help="the export's phones: realistic (default) or random digits (the worst case)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--phase", choices=("reference", "prepare"), help=argparse.SUPPRESS)
     parser.add_argument("--csv", help=argparse.SUPPRESS)
@@ -142,7 +149,7 @@ def main() -> None:
     if args.phase:
         print(json.dumps(_phase(args.phase, args.csv)))
         return
-    figures = run(args.rows, args.seed, args.repeat)
+    figures = run(args.rows, args.seed, args.repeat, args.phones)
     print(json.dumps(figures, indent=2)) if args.json else _print(figures)
     sys.exit(0 if figures["goal_met"] else 1)
 
