@@ -309,6 +309,13 @@ class RunParams(Group):
     report_dir: str | None = Field(
         None, title="Report directory", description="Where summary.json and the results go (default: under the state directory)."
     )
+    parent_partition: str | None = Field(
+        None,
+        pattern=r"^[^\s:]+:[0-9]+$",
+        title="Partition of a sync-partitions run",
+        description="Set by sync-partitions for each child (<parent run id>:<partition number>), so rows whose "
+        "contact another partition sends are reported as duplicate; leave it empty.",
+    )
 
     @field_validator("state_url")
     @classmethod

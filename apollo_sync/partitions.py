@@ -12,6 +12,12 @@ spec (plus a query for SQL) that the child reads like any other source:
   the same way) are written as N Parquet files of nearly equal size under ``split_dir``, one per partition.
   Their ``source_row`` numbers count from 1 in each part; the file name says which rows of the original it holds.
 
+**One version per contact.** A contact in several partitions (the same identity, maybe with other names or titles) is
+sent from one of them: the first partition in partition order, its first row there (as within one source). The
+parent reads each partition's identities, :func:`partition_losers` decides, the ledger keeps the losing rows under
+the parent's run id, and each child reports those rows as ``duplicate`` (:func:`lost_rows`) instead of sending a
+second version. An unchanged re-run therefore finds every sent version unchanged and sends nothing.
+
 :func:`merge_summaries` adds the children's counts (``seconds`` is the parent's wall time) and keeps a line per
 partition; a merged summary of consistent children adds up by the same rules (``report.summary_problems``).
 """
@@ -31,6 +37,8 @@ import polars as pl
 
 from apollo_sync.errors import InputError
 from apollo_sync.files import private_dir, private_file, touch_private
+from apollo_sync.ledger.base import LOSERS_SCHEMA, Ledger
+from apollo_sync.params import RunParams
 from apollo_sync.redact import redact_url
 from apollo_sync.report import SUMMARY_FILE
 from apollo_sync.settings import SOURCE_ROW
@@ -210,6 +218,93 @@ def split_file(spec: str, n: int, split_dir: str | Path, options: SourceOptions 
         private_file(path)
         parts.append(Partition(i, str(path), f"rows {start + 1}-{stop} of {Path(spec).name}", kind="part"))
     return parts
+
+
+# --- One version per contact across partitions --------------------------------------------------------------
+
+
+def partition_losers(frames: Sequence[pl.DataFrame], labels: Sequence[str] | None = None) -> pl.DataFrame:
+    """The rows that another partition's version of the same contact wins over (:data:`LOSERS_SCHEMA`).
+
+    ``frames[i]`` is partition i's rows that have an identity (``source_row``, ``identity``); ``labels[i]`` its
+    label. An identity's winner is its first row in the first partition holding it; every row of that identity in
+    a later partition loses to it. Rows of the winning partition itself are left to the child's own dedupe.
+    """
+    labels = list(labels) if labels is not None else [f"{i:03d}" for i in range(len(frames))]
+    if len(labels) != len(frames):
+        raise ValueError(f"{len(frames)} partitions but {len(labels)} labels")
+    if not frames:
+        return pl.DataFrame(schema=LOSERS_SCHEMA)
+    rows = pl.concat(
+        [
+            frame.select(pl.col(SOURCE_ROW).cast(pl.Int64), pl.col("identity").cast(pl.String))
+            .drop_nulls("identity")
+            .with_columns(partition=pl.lit(i, pl.Int64))
+            for i, frame in enumerate(frames)
+        ]
+    )
+    winners = (
+        rows.sort("partition", SOURCE_ROW, maintain_order=True)
+        .unique("identity", keep="first", maintain_order=True)
+        .select("identity", winner_partition="partition", winner_row=SOURCE_ROW)
+    )
+    names = pl.DataFrame({"winner_partition": range(len(labels)), "winner_label": labels},
+                         schema={"winner_partition": pl.Int64, "winner_label": pl.String})  # fmt: skip
+    return (
+        rows.join(winners, on="identity")
+        .filter(pl.col("partition") != pl.col("winner_partition"))
+        .join(names, on="winner_partition", how="left")
+        .select(list(LOSERS_SCHEMA))
+        .sort("partition", SOURCE_ROW)
+    )
+
+
+def parent_partition(run: RunParams) -> tuple[str, int] | None:
+    """``(parent run id, partition number)`` of a ``sync-partitions`` child (``run.parent_partition``), else None."""
+    if not run.parent_partition:
+        return None
+    parent, _, number = run.parent_partition.rpartition(":")
+    return parent, int(number)
+
+
+def lost_rows(ledger: Ledger, run_params: RunParams, contacts: pl.DataFrame) -> pl.DataFrame:
+    """The rows of ``contacts`` (one part of a child's rows: ``source_row``, ``identity``, ...) whose contact another
+    partition of the same parent run sends, with all their columns and a ``reason`` ("also in partition 002 (row
+    17), which is sent"); an empty frame of the same columns when none is, or this run is not a partition child."""
+    empty = contacts.head(0).with_columns(pl.lit(None, pl.String).alias("reason"))
+    child = parent_partition(run_params)
+    if child is None or contacts.height == 0:
+        return empty
+    rows = contacts.get_column(SOURCE_ROW)
+    losers = ledger.losers(child[0], child[1], int(rows.min()), int(rows.max()))  # type: ignore[arg-type]
+    if losers.height == 0:
+        return empty
+    reason = pl.format("also in partition {} (row {}), which is sent",
+                       pl.col("winner_partition").cast(pl.String).str.zfill(3), pl.col("winner_row"))  # fmt: skip
+    found = losers.select(pl.col(SOURCE_ROW).cast(rows.dtype), "identity", reason.alias("reason"))
+    return contacts.join(found, on=[SOURCE_ROW, "identity"], how="inner", maintain_order="left")
+
+
+def store_versions(
+    ledger: Ledger,
+    parent_run_id: str,
+    sources: Sequence[tuple[str, SourceOptions]],
+    labels: Sequence[str],
+    *,
+    mapping: str | None,
+    phone_region: str,
+) -> pl.DataFrame:
+    """Read every partition (``sources[i]``: its spec and how its child reads it), decide which version of each
+    contact is sent (:func:`partition_losers`) and keep the losers in ``ledger`` under ``parent_run_id``; returns
+    them. Each partition's identities come from ``apollo_sync.clean.identities``, as its child will compute them."""
+    from apollo_sync.clean import identities, load_mapping
+
+    loaded = load_mapping(mapping) if mapping else None
+    frames = [identities(read_source(spec, options).frame, mapping=loaded, phone_region=phone_region)
+              for spec, options in sources]  # fmt: skip
+    losers = partition_losers(frames, labels)
+    ledger.store_losers(parent_run_id, losers)
+    return losers
 
 
 # --- Summaries ----------------------------------------------------------------------------------------------

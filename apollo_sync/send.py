@@ -56,6 +56,8 @@ class Plan:
     """``must_dedupe`` marks rows the ledger saw before; in upsert mode ``update_id``/``base_hashes`` too."""
     unchanged: pl.DataFrame
     dry_run: bool
+    elsewhere: pl.DataFrame | None = None
+    """A partition child's rows whose contact another partition of the same parent run sends (``reason``)."""
 
     @property
     def rows_to_send(self) -> int:
@@ -67,6 +69,8 @@ class Sent:
     """What the groups sent so far came to: their results (stats, stop reason) in the order they finished."""
 
     groups: list[GroupResult] = field(default_factory=list)
+    first_request_seconds: float | None = None
+    """When the first group started sending, in seconds after the run started (None: nothing was sent)."""
 
     @property
     def stopped(self) -> RunStopped | None:
@@ -184,7 +188,8 @@ async def open_sender(run: SyncRun, steps: Steps) -> tuple[ApolloClient, Sender]
     apollo, load = run.params.apollo, run.params.load
     key = await (steps.api_key or key_from_environment)(apollo.api_key_block)
     progress = Progress(await steps.show_progress() if steps.show_progress else None)
-    before = steps.rate_limit(load.rate_limit_name) if steps.rate_limit and load.rate_limit_name else None
+    shared = steps.rate_limit if load.rate_limit_name else None
+    before = shared(load.rate_limit_name, run.params.run.state_url) if shared else None
     client = ApolloClient(apollo.base_url, key, auth=apollo.auth.value, timeout=load.timeout)
     await client.__aenter__()
     config = LoadConfig(target=run.target, run_id=run.run_id, labels=tuple(apollo.labels), run_dedupe=apollo.run_dedupe,
@@ -215,13 +220,14 @@ class Stream:
         self.client: ApolloClient | None = None
         self.sender: Sender | None = None
         self._in_flight: set[asyncio.Task] = set()
-        self._first = True
         self._carry: pl.DataFrame | None = None
 
     async def take(self, plan: Plan, *, last: bool = False) -> None:
         """Account for ``plan``'s unchanged rows and send (or in a dry run list) the rest. A part's rows that would
         leave a chunk short wait for the next part (``last``: send them now), so parts cost no extra requests."""
         self.results.add(as_outcomes(plan.unchanged, "unchanged"))
+        if plan.elsewhere is not None:
+            self.results.add(as_outcomes(plan.elsewhere, "duplicate"))
         if plan.dry_run:
             self.results.add(would_send(plan.to_send))
             return
@@ -242,9 +248,9 @@ class Stream:
                 rows = pl.concat([chunk.rows for chunk in chunks])
                 self.results.add(as_outcomes(rows, "failed", reason=f"not sent: the run stopped ({self.sent.stopped.message})"))
                 continue
-            if self._first:
-                self._first = False
-                logger.info("Sending the first request %.1fs after the run started", time.monotonic() - self.run.started)
+            if self.sent.first_request_seconds is None:
+                self.sent.first_request_seconds = round(time.monotonic() - self.run.started, 3)
+                logger.info("Sending the first request %.1fs after the run started", self.sent.first_request_seconds)
             self._in_flight.add(asyncio.ensure_future(self.steps.send(self.sender, plan, group)))
         self.sender.forget(plan)
 

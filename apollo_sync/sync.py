@@ -34,6 +34,7 @@ from typing import Any
 
 import polars as pl
 
+from apollo_sync import settings
 from apollo_sync.clean import Prepared, load_mapping, prepare
 from apollo_sync.clean.payload import contact_field_hashes, payload_fields
 from apollo_sync.errors import ApolloSyncError, InputError, RunStopped
@@ -41,7 +42,8 @@ from apollo_sync.feed import Feed
 from apollo_sync.files import check_writable_dir, private_dir, private_tree
 from apollo_sync.ledger import Ledger, open_ledger, target_for
 from apollo_sync.load import GroupResult
-from apollo_sync.params import Format, SourceParams, SyncParams
+from apollo_sync.params import Format, RunParams, SourceParams, SyncParams
+from apollo_sync.partitions import lost_rows
 from apollo_sync.redact import redact_url
 from apollo_sync.report import (
     ResultsStream,
@@ -160,13 +162,21 @@ def plan_contacts(
     dry_run: bool,
     mode: str = "create",
     labels: tuple[str, ...] = (),
+    run_params: RunParams | None = None,
 ) -> Plan:
     """Ask the ledger which contacts of ``part`` are new or changed (``upsert``: and which to update by id). Each
-    gets its field hashes (``labels``: the run's), which the ledger keeps once Apollo confirms."""
+    gets its field hashes (``labels``: the run's), which the ledger keeps once Apollo confirms.
+
+    In a partition child (``run_params`` names its parent run) the rows whose contact another partition sends
+    are taken out first (``Plan.elsewhere``: they end as ``duplicate``)."""
+    elsewhere = lost_rows(ledger, run_params, part) if run_params is not None else None
+    if elsewhere is not None and elsewhere.height:
+        part = part.join(elsewhere.select(settings.SOURCE_ROW, "identity"), on=[settings.SOURCE_ROW, "identity"],
+                         how="anti", maintain_order="left")  # fmt: skip
     fields = payload_fields(part.columns)
     part = part.with_columns(contact_field_hashes(fields, labels).alias("field_hashes"))
     to_send, unchanged = ledger.plan(target, part, full_refresh=full_refresh, mode=mode)
-    return Plan(number, to_send, unchanged, dry_run)
+    return Plan(number, to_send, unchanged, dry_run, elsewhere=elsewhere if elsewhere is not None and elsewhere.height else None)
 
 
 async def send_group(sender: Sender, plan: Plan, group: int) -> GroupResult:
@@ -191,6 +201,7 @@ def write_run_report(run: SyncRun, prepared: Prepared, results: ResultsStream, s
             "phones_dropped_by_reason": prepared.phones_dropped_by_reason,  # invalid, unparseable
             "rate_limited": stats.get("http_429", 0),
             "claimed_elsewhere": stats.get("claimed_elsewhere", 0),  # counted in duplicates_in_source too
+            "first_request_seconds": sent.first_request_seconds,
             "report_dir": str(run.report_dir.resolve()),
         },
     )
@@ -231,8 +242,9 @@ class Steps:
     """Where the key comes from (given the Secret block name); default: the environment."""
     show_progress: Callable[[], Awaitable[Callable[[int, int], Awaitable[None]]]] | None = None
     """Returns what to call with each chunk's row count and the rows planned so far (the flow: a progress artifact)."""
-    rate_limit: Callable[[str], Callable[[], Awaitable[Any]]] | None = None
-    """Given ``load.rate_limit_name``, the acquire awaited before every request (the flow: a Prefect rate limit)."""
+    rate_limit: Callable[[str, str | None], Callable[[], Awaitable[Any]]] | None = None
+    """Given ``load.rate_limit_name`` and ``run.state_url``, the acquire awaited before every request (the flow: a
+    token bucket in a PostgreSQL ledger, else a Prefect global rate limit: ``tasks.budget``)."""
     publish: Callable[..., Awaitable[None]] | None = None
     """After the report: ``publish(summary, problems, source_uri=..., target_url=...)`` (the flow: artifacts, event)."""
     prepared_dir: Callable[[SyncRun], str | None] | None = None
@@ -300,6 +312,7 @@ async def stream_parts(run: SyncRun, steps: Steps, source: Source, parts: str | 
             plan = await asyncio.to_thread(
                 steps.plan, run.ledger, run.target, part, number, full_refresh=params.run.full_refresh,
                 dry_run=params.run.dry_run, mode=params.run.mode.value, labels=tuple(params.apollo.labels),
+                run_params=params.run,
             )  # fmt: skip
             number += 1
             await stream.take(plan)

@@ -13,7 +13,8 @@ Wiring only; the run is ``tasks.partitions.run_partitions``:
 3. merge              the children's summaries added into one ``summary.json``, a markdown artifact with a line
                       per partition and one table of problem rows.
 
-The run fails when any child did not complete; the merged summary is written first, listing which.
+The run fails when any child did not complete; the merged summary is written first, listing which. Cancelling it
+cancels the children still running and releases their claims (``cancel_children``, its ``on_cancellation`` hook).
 """
 
 
@@ -33,7 +34,7 @@ from apollo_sync.params import (
     SyncParams,
     ui_form,
 )
-from tasks.partitions import PartitionsFailed, child_parameters, run_partitions
+from tasks.partitions import PartitionsFailed, cancel_children, child_parameters, run_partitions
 from tasks.steps import deployment_parameters, library_logs_to_prefect, source_name
 
 __all__ = ["PartitionsFailed", "child_parameters", "sync_partitions"]
@@ -43,7 +44,8 @@ def _run_name() -> str:
     return "sync partitions of " + source_name(flow_run.get_parameters())[:60]
 
 
-@flow(name="sync-partitions", flow_run_name=_run_name, persist_result=True, validate_parameters=True)
+@flow(name="sync-partitions", flow_run_name=_run_name, persist_result=True, validate_parameters=True,
+      on_cancellation=[cancel_children])
 async def sync_partitions(
     source: Annotated[SourceParams, ui_form("Source", "A glob, a SQL table or query, or one big file.")],
     partitions: Annotated[PartitionParams, ui_form("Partitions", "How to split and run the children.")] = (

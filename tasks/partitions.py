@@ -8,6 +8,12 @@ Parquet parts). ``start_partition_progress``/``partition_done`` move a progress 
 ``publish_partitions`` writes the merged summary as markdown plus one table of problem rows gathered from the
 children's ``results.parquet`` (when the parent can read their report directories). Plain async functions add no
 task runs.
+
+Before any child starts, ``assign_versions`` prunes old ``sync_runs`` rows and stores in the shared ledger which
+rows of which partition lose to another partition's version of the same contact
+(:func:`apollo_sync.partitions.store_versions`); each child gets ``run.parent_partition`` to look them up.
+:func:`cancel_children` is the parent flow's ``on_cancellation`` hook: it cancels the children still running and
+ends their ledger leases once they stopped.
 """
 
 from __future__ import annotations
@@ -30,9 +36,12 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import arun_deployment
 
+from apollo_sync import settings
 from apollo_sync.errors import ApolloSyncError, InputError
-from apollo_sync.params import PartitionParams, SyncParams
-from apollo_sync.partitions import Partition, merge_summaries, plan_partitions, write_summary
+from apollo_sync.ledger import open_ledger
+from apollo_sync.ledger.base import LOSERS_SCHEMA
+from apollo_sync.params import PartitionParams, RunParams, SourceParams, SyncParams
+from apollo_sync.partitions import Partition, merge_summaries, plan_partitions, store_versions, write_summary
 from apollo_sync.redact import redact_url
 from apollo_sync.report import RESULTS_PARQUET, summary_problems
 from apollo_sync.sources import SourceOptions
@@ -43,6 +52,8 @@ PROGRESS_KEY = "apollo-sync-partitions-progress"
 SUMMARY_KEY = "apollo-sync-partitions-summary"
 PROBLEMS_KEY = "apollo-sync-partitions-problems"
 PROBLEM_OUTCOMES = ("failed", "rejected", "unconfirmed")
+CHILD_STOP_SECONDS = 90.0
+"""How long a cancelled parent waits for its children to stop (a process worker gives a run 30 s after SIGTERM)."""
 
 logger = logging.getLogger("apollo_sync.partitions")
 
@@ -131,9 +142,12 @@ async def publish_partitions(
 # --- The parent run -------------------------------------------------------------------------------------------
 
 
-def child_parameters(part: Partition, params: SyncParams, report_path: Path) -> dict[str, Any]:
+def child_parameters(
+    part: Partition, params: SyncParams, report_path: Path, parent_id: str | None = None
+) -> dict[str, Any]:
     """A child run's parameters (JSON, one entry per group): the parent's settings, its partition as the source
-    (a file read with the parent's format options, a SQL key range, or a Parquet part), its own report folder."""
+    (a file read with the parent's format options, a SQL key range, or a Parquet part), its own report folder and,
+    given the parent's run id, ``run.parent_partition`` (which of its rows another partition sends)."""
     groups = params.as_json()
     source: dict[str, Any] = {"path": part.source}
     if part.kind == "sql":
@@ -142,7 +156,84 @@ def child_parameters(part: Partition, params: SyncParams, report_path: Path) -> 
         source |= {key: value for key, value in groups["source"].items() if key in ("format", "delimiter", "encoding")}
     groups["source"] = source
     groups["run"]["report_dir"] = str((report_path / f"partition-{part.number:03d}").resolve())
+    if parent_id:
+        groups["run"]["parent_partition"] = f"{parent_id}:{part.number}"
     return groups
+
+
+@task(name="assign_versions", cache_policy=NO_CACHE, persist_result=False)
+async def assign_versions(params: SyncParams, parts: list[Partition], children: list[dict[str, Any]], parent_id: str) -> int:
+    """Prune old ``sync_runs`` rows, then decide which partition sends each contact held by several and keep the
+    losing rows in the shared ledger under ``parent_id`` (before any child starts); returns how many rows lose."""
+    sources = [(part.source, source_options(SourceParams.model_validate(child["source"])))
+               for part, child in zip(parts, children)]  # fmt: skip
+
+    def store() -> int:
+        with open_ledger(params.run.state_dir, params.run.state_url) as ledger:
+            pruned = ledger.prune_runs(settings.RUN_RETENTION_SECONDS)
+            if pruned:
+                logger.info("Pruned %d finished sync_runs rows older than %.0f days", pruned,
+                            settings.RUN_RETENTION_SECONDS / 86400)  # fmt: skip
+            try:
+                losers = store_versions(ledger, parent_id, sources, [part.label for part in parts],
+                                        mapping=params.cleaning.mapping, phone_region=params.cleaning.phone_region)  # fmt: skip
+            except ImportError:  # apollo_sync.clean.identities not there yet: the claims alone keep contacts once
+                logger.warning("This version cannot compare partitions' contacts; overlapping rows are left to the claims")
+                ledger.store_losers(parent_id, pl.DataFrame(schema=LOSERS_SCHEMA))
+                return 0
+            return losers.height
+
+    lost = await asyncio.to_thread(store)
+    logger.info("%d row(s) hold a contact that an earlier partition sends: their children report them as duplicate", lost)
+    return lost
+
+
+async def finish_runs(run: RunParams, run_ids: Sequence[str]) -> None:
+    """End the ledger leases of ``run_ids`` (stopped children, the parent), so no claim waits for the lease."""
+
+    def finish() -> None:
+        with open_ledger(run.state_dir, run.state_url) as ledger:
+            for run_id in run_ids:
+                ledger.finish(run_id)
+
+    await asyncio.to_thread(finish)
+
+
+async def cancel_children(flow, flow_run, state) -> None:
+    """``on_cancellation`` of ``sync-partitions``: cancel every child run not yet final, wait up to
+    ``CHILD_STOP_SECONDS`` for them to stop, then end the ledger leases of those that stopped (a child killed
+    before it closed its ledger would otherwise hold its claims for ``CLAIM_LEASE_SECONDS``)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.logging.loggers import flow_run_logger
+    from prefect.states import Cancelled, Cancelling
+
+    match = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run.id]))
+    async with get_client() as client:
+        children = await client.read_flow_runs(flow_run_filter=match)
+        live = [c for c in children if c.state is not None and not c.state.is_final()]
+        flow_run_logger(flow_run, flow).info("Cancelling %d child run(s) still running or scheduled", len(live))
+        for child in live:
+            stop = Cancelled if child.state.is_scheduled() else Cancelling
+            await client.set_flow_run_state(child.id, stop(message="the parent sync-partitions run was cancelled"),
+                                            force=True)  # fmt: skip
+        deadline = time.monotonic() + CHILD_STOP_SECONDS
+        while True:
+            children = await client.read_flow_runs(flow_run_filter=match)
+            running = [c for c in children if c.state is not None and not c.state.is_final()]
+            if not running or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(1.0)
+    for child in running:
+        logger.warning("Child run %s is still %s after %.0f s: its claims last until its lease ends",
+                       child.id, child.state.name, CHILD_STOP_SECONDS)  # fmt: skip
+    still = {c.id for c in running}
+    stopped = [str(c.id) for c in children if c.id not in still]
+    try:
+        run = RunParams.model_validate(dict(flow_run.parameters.get("run") or {}))
+        await finish_runs(run, [*stopped, str(flow_run.id)])
+    except Exception as exc:  # noqa: BLE001 - a hook must not fail the cancellation; the leases expire on their own
+        logger.warning("Could not release the stopped children's claims: %s", type(exc).__name__)
 
 
 async def run_partitions(params: SyncParams, partitioning: PartitionParams, parent_id: str) -> dict:
@@ -159,20 +250,24 @@ async def run_partitions(params: SyncParams, partitioning: PartitionParams, pare
                                source_options(params.source))  # fmt: skip
     logger.info("%d partitions of %s; %d child run(s) at once on %s", len(parts), redact_url(params.source.path),
                 partitioning.max_in_flight, partitioning.deployment)  # fmt: skip
+    given = [child_parameters(part, params, report_path, parent_id) for part in parts]
+    await assign_versions(params, parts, given, parent_id)
     progress = await start_partition_progress(len(parts))
     slots = asyncio.Semaphore(partitioning.max_in_flight)
     done = 0
 
     async def run_child(part: Partition) -> tuple[str, dict | None]:
         nonlocal done
-        state, summary = await child_run(part, child_parameters(part, params, report_path), partitioning,
-                                         slots, parent_id)  # fmt: skip
+        state, summary = await child_run(part, given[part.number], partitioning, slots, parent_id)
         done += 1
         await partition_done(progress, done, len(parts))
         logger.info("Partition %d (%s): %s", part.number, part.label, state)
         return state, summary
 
-    finished = await asyncio.gather(*(run_child(part) for part in parts))
+    try:
+        finished = await asyncio.gather(*(run_child(part) for part in parts))
+    finally:
+        await finish_runs(run, [parent_id])  # the parent's row stays until pruned, with its losers
     children = [summary for _, summary in finished]
     merged = merge_summaries(children, parts, seconds=time.monotonic() - started, states=[s for s, _ in finished],
                              extra={"source": redact_url(params.source.path),

@@ -59,14 +59,13 @@ async def progress_artifact() -> Callable[[int, int], Awaitable[None]]:
     return advance
 
 
-def shared_rate_limit(name: str) -> Callable[[], Awaitable[None]]:
-    """An awaitable that takes one slot of Prefect global rate limit ``name`` (strict: a missing limit is an error)."""
-    from prefect.concurrency.asyncio import rate_limit
+def shared_rate_limit(name: str, state_url: str | None = None) -> Callable[[], Awaitable[None]]:
+    """The acquire awaited before every request for the shared budget ``name``: a token bucket in the PostgreSQL
+    ledger at ``state_url`` (default: the flow run's ``run.state_url``), else Prefect's global rate limit ``name``
+    (strict: a missing limit is an error). See ``tasks.budget``."""
+    from tasks.budget import shared_rate_limit as acquire_for
 
-    async def acquire() -> None:
-        await rate_limit(name, strict=True)
-
-    return acquire
+    return acquire_for(name, state_url)
 
 
 async def deployment_parameters() -> dict[str, Any]:
