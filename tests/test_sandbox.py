@@ -548,3 +548,17 @@ def test_sandbox_process_with_the_default_key_ignores_a_parent_key(monkeypatch):
     monkeypatch.setenv(ENV_SANDBOX_KEY, "parent-key")
     with SandboxProcess(SandboxConfig()) as sb, gateway(sb) as g:
         assert g.post(BULK, json={"contacts": [CONTACT]}).status_code == 200
+
+
+def test_lean_sandbox_keeps_only_ids_by_email_and_counts_a_second_create():
+    with SandboxServer(SandboxConfig(api_key=KEY, keep_contacts=False)) as sb, gateway(sb) as c:
+        first = post(c, [{"email": "a@x.io", "first_name": "A"}, {"email": "b@x.io"}]).json()
+        again = post(c, [{"email": "a@x.io"}]).json()  # no dedupe: created again, and counted
+        deduped = post(c, [{"email": "b@x.io"}], run_dedupe=True).json()
+        stats = sb.stats()
+    assert sorted(x["email"] for x in first["created_contacts"]) == ["a@x.io", "b@x.io"]
+    assert len(again["created_contacts"]) == 1 and stats["created_again"] == 1
+    assert deduped["existing_contacts"][0]["id"] in {x["id"] for x in first["created_contacts"]}
+    assert stats["contacts_stored"] == 0 and stats["created"] == 3 and stats["existing"] == 1
+    assert config_from_args(build_parser().parse_args(["--lean"])).keep_contacts is False
+    assert "--lean" in config_to_argv(SandboxConfig(keep_contacts=False))

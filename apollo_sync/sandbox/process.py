@@ -47,6 +47,8 @@ def config_to_argv(config: SandboxConfig) -> list[str]:
             argv.append("--no-shuffle")
         elif f.name == "sliding":
             argv.append("--sliding")
+        elif f.name == "keep_contacts":
+            argv.append("--lean")
         else:
             argv += ["--" + f.name.replace("_", "-"), str(value)]
     return argv
@@ -179,14 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--burst-429", type=_probability, default=0.0, help="probability of a spurious 429 (Retry-After: 1)")
     p.add_argument("--seed", type=int, default=None, help="seed for faults, ids and shuffles")
     p.add_argument("--no-shuffle", action="store_true", help="return contacts in request order")
+    p.add_argument("--lean", action="store_true", help="keep only each contact's id under its email (millions of contacts)")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> SandboxConfig:
     """SandboxConfig from parsed ``build_parser()`` arguments (each flag is named after its field)."""
-    values = {f.name: getattr(args, f.name) for f in fields(SandboxConfig) if f.name != "shuffle"}
+    values = {f.name: getattr(args, f.name) for f in fields(SandboxConfig) if f.name not in ("shuffle", "keep_contacts")}
     values["api_key"] = sandbox_key(args.api_key)
-    return SandboxConfig(**values, shuffle=not args.no_shuffle)
+    return SandboxConfig(**values, shuffle=not args.no_shuffle, keep_contacts=not args.lean)
 
 
 def sandbox_key(given: str | None) -> str:

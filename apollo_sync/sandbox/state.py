@@ -54,6 +54,9 @@ class SandboxConfig:
     (3600, 86400) seconds instead, and its reset the time until the oldest of them leaves it (one request frees up).
     ``latency`` seconds are slept on every such request. ``seed`` makes faults, ids and shuffles
     repeatable. ``shuffle`` returns each contact list in a random order, as the real API promises none.
+    ``keep_contacts=False`` keeps of each contact only its id under its email (dedupe by email still works, a
+    second create of a known email is counted in ``created_again``): for loads of millions of contacts, where
+    whole records would take gigabytes; ``contacts()`` is then empty and updates find nothing.
     """
 
     api_key: str = field(default="sandbox-key", repr=False)
@@ -72,6 +75,7 @@ class SandboxConfig:
     burst_429: float = 0.0
     seed: int | None = None
     shuffle: bool = True
+    keep_contacts: bool = True
 
     def __post_init__(self) -> None:
         if not self.api_key:
@@ -142,6 +146,7 @@ class SandboxState:
             self.max_contacts_in_request = 0
             self.max_contacts_in_update = 0
             self.created = 0
+            self.created_again = 0
             self.existing = 0
             self.updated = 0
             self.async_updates = 0
@@ -279,6 +284,14 @@ class SandboxState:
     def _store_new(self, contact: dict[str, Any], append: list[str]) -> dict[str, Any]:
         """Store ``contact`` as a new record (id, labels merged with ``append``, phone_numbers, stamps); index it."""
         now = self.clock()
+        if not self.config.keep_contacts:  # lean: the id under the email, for dedupe and the created-twice count
+            email = _email_key(contact)
+            lean = {"id": self._new_id(now), "email": contact.get("email")}
+            if email in self.by_email:
+                self.created_again += 1
+            elif email:
+                self.by_email[email] = lean
+            return lean
         record = dict(contact)
         record["id"] = self._new_id(now)
         record["label_names"] = _merge_labels(contact.get("label_names", []), append)
@@ -337,6 +350,7 @@ class SandboxState:
                 "max_contacts_in_request": self.max_contacts_in_request,
                 "max_contacts_in_update": self.max_contacts_in_update,
                 "created": self.created,
+                "created_again": self.created_again,
                 "existing": self.existing,
                 "updated": self.updated,
                 "async_updates": self.async_updates,
