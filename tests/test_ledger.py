@@ -108,6 +108,17 @@ def test_plan_keeps_order_and_extra_columns_on_many_rows(ledger):
     assert "payload" in to_send.columns
 
 
+def test_the_batch_drives_the_lookup_one_primary_key_search_per_identity(ledger):
+    """A part is planned by looking its identities up one by one (never by scanning the ledger for each), so planning
+    a part costs the same whether the ledger holds a thousand contacts or ten million."""
+    from apollo_sync.ledger.sqlite import KNOWN_QUERY
+
+    ledger.record(T, outcomes([(f"email:{i}", "f", "created", f"id{i}") for i in range(2_000)]), "r")
+    plan = [row[3] for row in ledger._db.execute("EXPLAIN QUERY PLAN" + KNOWN_QUERY, (T, '["email:1"]'))]
+    assert plan[0].startswith("SCAN batch"), plan
+    assert plan[1].startswith("SEARCH l USING") and "identity=?" in plan[1], plan
+
+
 def test_plan_needs_identity_and_fingerprint(ledger):
     with pytest.raises(InputError, match="identity"):
         ledger.plan(T, pl.DataFrame({"fingerprint": ["x"]}))

@@ -12,15 +12,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 
 from loader_helpers import SteppingClock, make_contacts, plan_and_load, stored_emails
 
+from apollo_sync.ledger import LEDGER_FILE
 from apollo_sync.sandbox import SandboxConfig, SandboxProcess
 
 FAULTS = dict(fail_before_store=0.05, fail_after_store=0.05, slow=0.04, slow_seconds=1.0, drop=0.03)
@@ -78,6 +81,18 @@ CHILD = textwrap.dedent(
 )
 
 
+def _confirmed(state_dir: Path) -> int:
+    """Rows the ledger in ``state_dir`` holds as confirmed by Apollo (0 while it does not exist yet)."""
+    path = state_dir / LEDGER_FILE
+    if not path.exists():
+        return 0
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)) as conn:
+            return conn.execute("SELECT count(*) FROM sync_ledger WHERE status IN ('created', 'existing')").fetchone()[0]
+    except sqlite3.OperationalError:  # the child is creating its tables
+        return 0
+
+
 def test_kill_9_mid_way_then_rerun_lands_everything_exactly_once(tmp_path):
     n = 3000
     config = SandboxConfig(rate=15, window=1, latency=0.02, fail_after_store=0.05, seed=9)
@@ -85,9 +100,9 @@ def test_kill_9_mid_way_then_rerun_lands_everything_exactly_once(tmp_path):
         script = CHILD.format(tests=str(TESTS_DIR), url=sb.gateway_base_url, n=n, state=str(tmp_path))
         child = subprocess.Popen([sys.executable, "-c", script], cwd=TESTS_DIR.parent)
         try:
-            deadline = time.monotonic() + 60
-            while sb.stats()["requests"] < 8 and child.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
+            deadline = time.monotonic() + 60  # kill once the child has recorded answers (in batches, RECORD_SECONDS)
+            while not _confirmed(tmp_path) and child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
             os.kill(child.pid, signal.SIGKILL)
         finally:
             child.wait(timeout=30)

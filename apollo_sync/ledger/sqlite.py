@@ -89,9 +89,12 @@ _CLAIM = """
             SELECT 1 FROM sync_runs AS r WHERE r.run_id = sync_ledger.run_id AND r.finished = 0 AND r.heartbeat_at > ?7))
     )
 """
-_KNOWN = """
+# CROSS JOIN fixes the loop order in SQLite: the batch outside, one primary-key lookup per identity inside. With a
+# plain JOIN the planner scanned the target's ledger rows and the whole batch for each (50,000 known rows against a
+# 250,000-row part: 435 s instead of 0.07 s).
+KNOWN_QUERY = """
     SELECT l.identity, l.fingerprint, l.status, l.apollo_id, l.field_hashes
-    FROM json_each(?2) AS batch JOIN sync_ledger AS l ON l.target = ?1 AND l.identity = batch.value
+    FROM json_each(?2) AS batch CROSS JOIN sync_ledger AS l ON l.target = ?1 AND l.identity = batch.value
 """
 _HEARTBEAT = """
     INSERT INTO sync_runs (run_id, host, pid, heartbeat_at, finished) VALUES (?, ?, ?, ?, 0)
@@ -143,7 +146,7 @@ class SQLiteLedger(Ledger):
         # The batch goes in as one JSON array parameter; json_each feeds the primary-key lookups.
         batch = json_array(identities.drop_nulls().unique())
         with self._lock:
-            rows = self._db.execute(_KNOWN, (target, batch)).fetchall()
+            rows = self._db.execute(KNOWN_QUERY, (target, batch)).fetchall()
         return pl.DataFrame(rows, schema=LEDGER_SCHEMA, orient="row")
 
     def _write(self, sql: str, params: list[tuple]) -> None:

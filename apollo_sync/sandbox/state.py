@@ -203,23 +203,7 @@ class SandboxState:
 
     def rate_headers(self, family: str, key: str, now: float) -> dict[str, str]:
         """The rate headers of the way in, from the current usage; none when no limit is configured."""
-        state = self._window_state(key, now)
-        if not state:
-            return {}
-        if family == APOLLO:
-            headers = {}
-            for w, used, _ in state:
-                headers[f"x-rate-limit-{w.family}"] = str(w.limit)
-                headers[f"x-{w.family}-requests-left"] = str(max(w.limit - used, 0))
-                headers[f"x-{w.family}-usage"] = str(used)
-            return headers
-        # Gateway: the tightest window (fewest left; on a tie the one that resets last).
-        w, used, reset_in = min(state, key=lambda s: (s[0].limit - s[1], -s[2]))
-        return {
-            settings.GATEWAY_LIMIT_HEADER: str(w.limit),
-            settings.GATEWAY_REMAINING_HEADER: str(max(w.limit - used, 0)),
-            settings.GATEWAY_RESET_HEADER: f"{max(reset_in, 0.0):.3f}",
-        }
+        return _rate_headers(family, self._window_state(key, now))
 
     def over_limit(self, key: str, now: float) -> tuple[Window, float] | None:
         """The spent window that frees up last, with seconds until it does; None when all have room."""
@@ -360,6 +344,26 @@ class SandboxState:
         """Copies of every stored contact, in creation order."""
         with self.lock:
             return json.loads(json.dumps(self.store))
+
+
+def _rate_headers(family: str, state: list[tuple[Window, int, float]]) -> dict[str, str]:
+    """The headers of the way in for (window, used, seconds to reset) of each window; none without a limit."""
+    if not state:
+        return {}
+    if family == APOLLO:
+        headers = {}
+        for w, used, _ in state:
+            headers[f"x-rate-limit-{w.family}"] = str(w.limit)
+            headers[f"x-{w.family}-requests-left"] = str(max(w.limit - used, 0))
+            headers[f"x-{w.family}-usage"] = str(used)
+        return headers
+    # Gateway: the tightest window (fewest left; on a tie the one that resets last).
+    w, used, reset_in = min(state, key=lambda s: (s[0].limit - s[1], -s[2]))
+    return {
+        settings.GATEWAY_LIMIT_HEADER: str(w.limit),
+        settings.GATEWAY_REMAINING_HEADER: str(max(w.limit - used, 0)),
+        settings.GATEWAY_RESET_HEADER: f"{max(reset_in, 0.0):.3f}",
+    }
 
 
 def _iso(now: float) -> str:
