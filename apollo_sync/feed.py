@@ -24,7 +24,7 @@ from apollo_sync.errors import ApolloSyncError
 if TYPE_CHECKING:
     from apollo_sync.clean import Prepared
 
-PARTS_AHEAD = 2
+PARTS_AHEAD = 1
 """Cleaned parts that may wait for the sender (each up to ``EngineOptions.batch_rows`` rows)."""
 STORED_PART_ROWS = 250_000
 """Rows a part read back from a cached clean holds."""
@@ -91,10 +91,8 @@ class Feed:
         if self.fed:
             return
         contacts = prepared.contacts
-        if isinstance(contacts, pl.DataFrame):
-            for start in range(0, contacts.height, STORED_PART_ROWS):
+        for start in range(0, prepared.contacts_count, STORED_PART_ROWS):
+            if isinstance(contacts, pl.DataFrame):
                 yield contacts.slice(start, STORED_PART_ROWS)
-            return
-        batches = contacts.collect_batches(chunk_size=STORED_PART_ROWS, maintain_order=True)
-        while (part := await asyncio.to_thread(next, batches, None)) is not None:
-            yield part
+            else:  # one slice of the Parquet parts at a time (collect_batches would read ahead without bound)
+                yield await asyncio.to_thread(contacts.slice(start, STORED_PART_ROWS).collect)

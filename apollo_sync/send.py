@@ -26,9 +26,9 @@ from apollo_sync.load import (
     ApolloClient,
     Chunk,
     ChunkResult,
-    GroupResult,
     LoadConfig,
     LoadSession,
+    LoadStats,
     Pacer,
 )
 from apollo_sync.load.update import would_change
@@ -64,17 +64,36 @@ class Plan:
         return self.to_send.height
 
 
+@dataclass(frozen=True)
+class GroupSent:
+    """What one ``send`` step returns once its outcomes are in the results files: its stats and stop reason."""
+
+    rows: int
+    stats: LoadStats
+    stopped: RunStopped | None = None
+
+
 @dataclass
 class Sent:
-    """What the groups sent so far came to: their results (stats, stop reason) in the order they finished."""
+    """The groups sent so far, in the order they finished (each a small :class:`GroupSent`: the outcomes went to the
+    results files, so memory does not grow with the source)."""
 
-    groups: list[GroupResult] = field(default_factory=list)
+    groups: list[GroupSent] = field(default_factory=list)
     first_request_seconds: float | None = None
     """When the first group started sending, in seconds after the run started (None: nothing was sent)."""
 
     @property
     def stopped(self) -> RunStopped | None:
-        return next((r.stopped for r in self.groups if r.stopped is not None), None)
+        return next((g.stopped for g in self.groups if g.stopped is not None), None)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The groups' stats added up."""
+        total: dict[str, int] = {}
+        for group in self.groups:
+            for key, value in group.stats.as_dict().items():
+                total[key] = total.get(key, 0) + value
+        return total
 
 
 def as_outcomes(rows: Frame, outcome: str, reason: str | None = None) -> Frame:
@@ -157,22 +176,32 @@ class Progress:
 
 @dataclass
 class Sender:
-    """The run's one HTTP client, pacer and load session; each plan's chunks in groups (one task run each)."""
+    """The run's one HTTP client session (pacer, ledger, retries), its progress, and where outcomes go."""
 
     session: LoadSession
     progress: Progress
-    _groups: dict[int, list[list[Chunk]]] = field(default_factory=dict)
+    results: ResultsStream
 
-    def groups(self, plan: Plan) -> list[list[Chunk]]:
-        """``plan``'s rows as groups of at most ``CHUNKS_PER_LOAD_TASK`` chunks (cut once per plan)."""
-        if plan.number not in self._groups:
-            chunks = self.session.make_chunks(plan.to_send)
-            per = settings.CHUNKS_PER_LOAD_TASK
-            self._groups[plan.number] = [chunks[i : i + per] for i in range(0, len(chunks), per)]
-        return self._groups[plan.number]
 
-    def forget(self, plan: Plan) -> None:
-        self._groups.pop(plan.number, None)
+class Group:
+    """The chunks one ``send`` step (one task run) sends: at most ``CHUNKS_PER_LOAD_TASK`` of them. A plain object,
+    so Prefect does not walk a hundred chunks as task inputs."""
+
+    __slots__ = ("number", "chunks")
+
+    def __init__(self, number: int, chunks: list[Chunk]):
+        self.number, self.chunks = number, chunks
+
+    def __repr__(self) -> str:
+        return f"Group({self.number}, {len(self.chunks)} chunks)"
+
+
+def cut_groups(session: LoadSession, rows: pl.DataFrame, first: int = 0) -> list[Group]:
+    """``rows`` in chunks (``session.make_chunks``), in groups of at most ``CHUNKS_PER_LOAD_TASK`` chunks, numbered
+    from ``first``. Cut once: nothing keeps them after they are sent."""
+    chunks = session.make_chunks(rows)
+    per = settings.CHUNKS_PER_LOAD_TASK
+    return [Group(first + n, chunks[i : i + per]) for n, i in enumerate(range(0, len(chunks), per))]
 
 
 async def key_from_environment(block_name: str | None) -> str:
@@ -183,7 +212,7 @@ async def key_from_environment(block_name: str | None) -> str:
     return api_key_from(key)
 
 
-async def open_sender(run: SyncRun, steps: Steps) -> tuple[ApolloClient, Sender]:
+async def open_sender(run: SyncRun, steps: Steps, results: ResultsStream) -> tuple[ApolloClient, Sender]:
     """The client (to close when done) and the run's sender, progress and rate limit wired in."""
     apollo, load = run.params.apollo, run.params.load
     key = await (steps.api_key or key_from_environment)(apollo.api_key_block)
@@ -196,7 +225,7 @@ async def open_sender(run: SyncRun, steps: Steps) -> tuple[ApolloClient, Sender]
                         concurrency=load.concurrency, chunk_size=load.chunk_size, mode=run.params.run.mode.value)  # fmt: skip
     session = LoadSession(client, Pacer(max_rpm=load.max_rpm), run.ledger, config, before_request=before,
                           on_chunk_done=progress.chunk_done)  # fmt: skip
-    return client, Sender(session, progress)
+    return client, Sender(session, progress, results)
 
 
 def whole_chunks(rows: pl.DataFrame, size: int) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -221,6 +250,7 @@ class Stream:
         self.sender: Sender | None = None
         self._in_flight: set[asyncio.Task] = set()
         self._carry: pl.DataFrame | None = None
+        self._groups = 0  # groups handed to the send step so far (their numbers)
 
     async def take(self, plan: Plan, *, last: bool = False) -> None:
         """Account for ``plan``'s unchanged rows and send (or in a dry run list) the rest. A part's rows that would
@@ -239,20 +269,22 @@ class Stream:
         if plan.rows_to_send == 0:
             return
         if self.sender is None:
-            self.client, self.sender = await open_sender(self.run, self.steps)
+            self.client, self.sender = await open_sender(self.run, self.steps, self.results)
         self.sender.progress.expect(plan.rows_to_send)
-        for group, chunks in enumerate(self.sender.groups(plan)):
+        groups = cut_groups(self.sender.session, plan.to_send, self._groups)
+        self._groups += len(groups)
+        while groups:
+            group = groups.pop(0)  # the stream keeps no group once it is handed over
             while len(self._in_flight) >= GROUPS_IN_FLIGHT:
                 await self._one_done()
             if self.sent.stopped is not None:  # nothing more is sent; every row still gets its outcome
-                rows = pl.concat([chunk.rows for chunk in chunks])
+                rows = pl.concat([chunk.rows for chunk in group.chunks])
                 self.results.add(as_outcomes(rows, "failed", reason=f"not sent: the run stopped ({self.sent.stopped.message})"))
                 continue
             if self.sent.first_request_seconds is None:
                 self.sent.first_request_seconds = round(time.monotonic() - self.run.started, 3)
                 logger.info("Sending the first request %.1fs after the run started", self.sent.first_request_seconds)
             self._in_flight.add(asyncio.ensure_future(self.steps.send(self.sender, plan, group)))
-        self.sender.forget(plan)
 
     async def take_rest(self) -> None:
         """Send the rows still waiting for a whole chunk (the stream has ended)."""
@@ -265,7 +297,6 @@ class Stream:
         for task in done:
             self._in_flight.discard(task)
             result = task.result()
-            self.results.add(result.outcomes)
             if result.stopped is not None and self.sent.stopped is None:
                 logger.error("Stopped: %s", result.stopped)
             self.sent.groups.append(result)

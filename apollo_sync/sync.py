@@ -41,7 +41,6 @@ from apollo_sync.errors import ApolloSyncError, InputError, RunStopped
 from apollo_sync.feed import Feed
 from apollo_sync.files import check_writable_dir, private_dir, private_tree
 from apollo_sync.ledger import Ledger, open_ledger, target_for
-from apollo_sync.load import GroupResult
 from apollo_sync.params import Format, RunParams, SourceParams, SyncParams
 from apollo_sync.partitions import lost_rows
 from apollo_sync.redact import redact_url
@@ -53,6 +52,8 @@ from apollo_sync.report import (
     write_report,
 )
 from apollo_sync.send import (
+    Group,
+    GroupSent,
     Plan,
     Sender,
     Sent,
@@ -179,15 +180,18 @@ def plan_contacts(
     return Plan(number, to_send, unchanged, dry_run, elsewhere=elsewhere if elsewhere is not None and elsewhere.height else None)
 
 
-async def send_group(sender: Sender, plan: Plan, group: int) -> GroupResult:
-    """Send group ``group`` of ``plan``'s chunks through the run's shared session."""
-    return await sender.session.load(sender.groups(plan)[group])
+async def send_group(sender: Sender, plan: Plan, group: Group) -> GroupSent:
+    """Send ``group``, chunks of ``plan``'s rows, through the run's shared session and write every row's outcome to
+    the results (``plan`` links the step to the part it came from in the Prefect UI)."""
+    result = await sender.session.load(group.chunks)
+    sender.results.add(result.outcomes)
+    return GroupSent(result.outcomes.height, result.stats, result.stopped)
 
 
 def write_run_report(run: SyncRun, prepared: Prepared, results: ResultsStream, sent: Sent) -> dict:
     """Every row's outcome and the summary: summary.json, results.parquet/.csv, rejected.csv. Returns the summary."""
     every = results_frame(prepared.rejected, prepared.duplicates, results.frame())
-    stats = _added_stats(sent.groups)
+    stats = sent.stats
     summary = build_summary(
         rows_read=prepared.rows_read,
         results=every,
@@ -218,14 +222,6 @@ def problem_rows(report_dir: str | Path) -> pl.DataFrame:
     return pl.scan_parquet(path).filter(pl.col("outcome").is_in(PROBLEM_OUTCOMES)).collect(engine="streaming")
 
 
-def _added_stats(sent: list[GroupResult]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for result in sent:
-        for key, value in result.stats.as_dict().items():
-            total[key] = total.get(key, 0) + value
-    return total
-
-
 @dataclass(frozen=True)
 class Steps:
     """How :func:`run_sync` runs each stage. The defaults are this module's plain functions; the flow passes
@@ -236,7 +232,7 @@ class Steps:
     """``clean(source, mapping, phone_region, prepared_dir, on_ready)``, called in a thread."""
     plan: Callable[..., Plan] = plan_contacts
     """Called in a thread, once per part."""
-    send: Callable[[Sender, Plan, int], Awaitable[GroupResult]] = send_group
+    send: Callable[[Sender, Plan, Group], Awaitable[GroupSent]] = send_group
     report: Callable[[SyncRun, Prepared, ResultsStream, Sent], dict] = write_run_report
     api_key: Callable[[str | None], Awaitable[str]] | None = None
     """Where the key comes from (given the Secret block name); default: the environment."""

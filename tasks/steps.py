@@ -30,7 +30,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from apollo_sync import send, sync
-from apollo_sync.load import GroupResult
 from apollo_sync.redact import redact_url
 from tasks.artifacts import add_progress, publish_run, start_progress
 from tasks.credentials import resolve_api_key
@@ -40,8 +39,9 @@ plan_contacts = task(name="plan_contacts", cache_policy=NO_CACHE, persist_result
 
 
 @task(name="send_chunks", cache_policy=NO_CACHE, persist_result=False, retries=0)
-async def send_chunks(sender: send.Sender, plan: send.Plan, group: int) -> GroupResult:
-    """Send group ``group`` of the plan's chunks through the run's shared session (client, pacer, ledger)."""
+async def send_chunks(sender: send.Sender, plan: send.Plan, group: send.Group) -> send.GroupSent:
+    """Send ``group`` (chunks of the plan's rows) through the run's shared session (client, pacer, ledger); the
+    outcomes go to the run's results files."""
     return await sync.send_group(sender, plan, group)
 
 

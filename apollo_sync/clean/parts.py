@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 PART_KINDS = ("contacts", "rejected", "duplicates")
 """The result kinds: a Prepared has one frame of each."""
-WORK_KINDS = ("clean", "candidates")
-"""Intermediate kinds, gone once prepare() returns."""
+WORK_KINDS = ("source", "clean", "candidates")
+"""Intermediate kinds (``source``: the Parquet copy of the source both passes read), gone once prepare() returns."""
 DONE_MARKER = "prepared.json"
 """Written last in ``out_dir``: its presence means the Parquet parts are whole (and gives the counts)."""
 
