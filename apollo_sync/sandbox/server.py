@@ -249,7 +249,9 @@ class SandboxServer(SandboxURLs):
         the largest bulk_update (``contact_attributes`` + ``contact_ids``), refused ones included; ``created`` and
         ``existing`` count bulk_create's contacts; ``updated`` counts contacts an update was applied to (known ids,
         once per request each, an async one or one answered 500 after applying included); ``async_updates``
-        counts bulk_update requests answered "accepted, asynchronous".
+        counts bulk_update requests answered "accepted, asynchronous"; ``created_again`` counts creates of an email
+        already stored (lean store only); ``first_request_at`` and ``last_request_at`` are the server's clock (epoch
+        seconds) at the first and latest rate-counted request (None before one), for the rate a run achieved.
         """
         return self._state().stats()
 

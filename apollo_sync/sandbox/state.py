@@ -150,12 +150,16 @@ class SandboxState:
             self.existing = 0
             self.updated = 0
             self.async_updates = 0
+            self.first_request_at: float | None = None
+            self.last_request_at: float | None = None
 
     # --- counters (lock held) ----------------------------------------------------------------
     def count_answer(self, label: str, endpoint: str = "bulk_create", *, asynchronous: bool = False) -> None:
         """Count one answered (or dropped) request of ``endpoint`` under ``label`` (``"200"``, ``"dropped"``...);
         ``asynchronous``: it was a bulk_update answered "accepted, runs asynchronously"."""
         self.requests += 1
+        self.last_request_at = self.clock()
+        self.first_request_at = self.first_request_at or self.last_request_at
         self.requests_by_endpoint[endpoint] += 1
         self.status_counts[label] = self.status_counts.get(label, 0) + 1
         self.async_updates += asynchronous
@@ -338,6 +342,8 @@ class SandboxState:
                 "existing": self.existing,
                 "updated": self.updated,
                 "async_updates": self.async_updates,
+                "first_request_at": self.first_request_at,
+                "last_request_at": self.last_request_at,
             }
 
     def contacts(self) -> list[dict[str, Any]]:

@@ -73,6 +73,38 @@ async def wait_final(server: PrefectServer, flow_run_id: str, timeout: float, po
             await asyncio.sleep(poll)
 
 
+async def start_run(server: PrefectServer, deployment: str, parameters: dict) -> str:
+    """Create a flow run of ``deployment`` (``flow/deployment``) with ``parameters``; returns its id."""
+    async with server.client() as client:
+        found = await client.read_deployment_by_name(deployment)
+        run = await client.create_flow_run_from_deployment(found.id, parameters=parameters)
+        return str(run.id)
+
+
+async def executed_by(server: PrefectServer, run_ids: set[str], timeout: float = 60.0) -> dict[str, str]:
+    """Which worker ran each of ``run_ids``, from the server's ``prefect.worker.executed-flow-run`` events (a worker
+    emits one when the run's process has exited: the worker that submits a run and loses it emits none)."""
+    import asyncio
+
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    found: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    async with server.client() as client:
+        while set(found) < run_ids and time.monotonic() < deadline:
+            page = await client.read_events(EventFilter(event=EventNameFilter(name=["prefect.worker.executed-flow-run"])),
+                                            limit=50)  # fmt: skip
+            while page is not None:
+                for event in page.events:
+                    for related in event.related:
+                        run_id = related.id.removeprefix("prefect.flow-run.")
+                        if related.role == "flow-run" and run_id in run_ids:
+                            found[run_id] = event.resource.name or event.resource.id
+                page = await client.read_events_page(page.next_page) if page.next_page else None
+            await asyncio.sleep(1.0)
+    return found
+
+
 def prefect_cli(*args: str) -> list[str]:
     """The ``prefect`` command of this interpreter's environment."""
     return [sys.executable, "-m", "prefect", *args]

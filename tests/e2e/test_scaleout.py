@@ -31,7 +31,8 @@ from apollo_sync.report import summary_problems
 from apollo_sync.sandbox import SandboxConfig, SandboxProcess
 from services import PG_PASSWORD, postgres  # noqa: F401 - fixture
 
-from prefect_server import ROOT, PrefectServer, prefect_cli, stop_process, wait_final
+from partition_files import write_overlapping
+from prefect_server import ROOT, PrefectServer, executed_by, prefect_cli, start_run, stop_process, wait_final
 
 pytestmark = pytest.mark.e2e
 
@@ -51,19 +52,6 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float = 120) -> str:
     return done.stdout + done.stderr
 
 
-def _write_partitions(folder: Path) -> set[str]:
-    """Four CSV files; file k holds contacts k*STEP .. k*STEP+PER_FILE-1 (40 shared with the next, named Q there
-    instead of P) + 1 bad row."""
-    folder.mkdir()
-    for k in range(FILES):
-        lines = ["First Name,Last Name,Email Address,Company"]
-        lines += [f"{'Q' if k and i < k * STEP + OVERLAP else 'P'}{i},Tester,person{i}@example.com,Acme {i % 7}"
-                  for i in range(k * STEP, k * STEP + PER_FILE)]  # a later file's copy of a shared contact: Q
-        lines.append(f"Bad{k},Row,not-an-email-{k},Acme")
-        (folder / f"part-{k}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {f"person{i}@example.com" for i in range((FILES - 1) * STEP + PER_FILE)}
-
-
 def _write_fresh(folder: Path, per_file: int) -> None:
     """Four CSV files of ``per_file`` contacts no other file of the test holds (for the run that is cancelled)."""
     folder.mkdir()
@@ -71,13 +59,6 @@ def _write_fresh(folder: Path, per_file: int) -> None:
         lines = ["First Name,Last Name,Email Address,Company"]
         lines += [f"C{i},Stopper,cancel{k}-{i}@example.com,Acme" for i in range(per_file)]
         (folder / f"part-{k}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-async def _start(server: PrefectServer, parameters: dict) -> str:
-    async with server.client() as client:
-        deployment = await client.read_deployment_by_name(PARENT)
-        run = await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
-        return str(run.id)
 
 
 def _children_of(parent_id: str):
@@ -93,28 +74,6 @@ async def _children_and_artifacts(server: PrefectServer, parent_id: str):
         children = await client.read_flow_runs(flow_run_filter=_children_of(parent_id))
         artifacts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[parent_id])))
     return children, artifacts
-
-
-async def _executed_by(server: PrefectServer, run_ids: set[str], timeout: float = 60.0) -> dict[str, str]:
-    """Which worker ran each of ``run_ids``, from the server's ``prefect.worker.executed-flow-run`` events (a worker
-    emits one when the run's process has exited: the worker that submits a run and loses it emits none)."""
-    from prefect.events.filters import EventFilter, EventNameFilter
-
-    found: dict[str, str] = {}
-    deadline = time.monotonic() + timeout
-    async with server.client() as client:
-        while set(found) < run_ids and time.monotonic() < deadline:
-            page = await client.read_events(EventFilter(event=EventNameFilter(name=["prefect.worker.executed-flow-run"])),
-                                            limit=50)  # fmt: skip
-            while page is not None:
-                for event in page.events:
-                    for related in event.related:
-                        run_id = related.id.removeprefix("prefect.flow-run.")
-                        if related.role == "flow-run" and run_id in run_ids:
-                            found[run_id] = event.resource.name or event.resource.id
-                page = await client.read_events_page(page.next_page) if page.next_page else None
-            await asyncio.sleep(1.0)
-    return found
 
 
 async def _cancel_while_sending(server: PrefectServer, parent_id: str, sandbox: SandboxProcess, timeout: float) -> int:
@@ -177,7 +136,7 @@ def _create_database(url: str) -> str:
 def test_two_workers_overlapping_partitions_one_budget_one_version_each_and_a_clean_cancel(prefect_server, postgres, tmp_path):  # noqa: F811
     database = _create_database(postgres.url)
     state_url = f"postgresql://{postgres.user}@{postgres.host}:{postgres.port}/{database}"  # no password in it
-    expected = _write_partitions(tmp_path / "parts")
+    expected = write_overlapping(tmp_path / "parts", FILES, PER_FILE, OVERLAP)
     _write_fresh(tmp_path / "fresh", per_file=1000)
     config = SandboxConfig(rate=20, window=1.0, latency=0.02, seed=8)
     with SandboxProcess(config) as sandbox:
@@ -206,19 +165,19 @@ def test_two_workers_overlapping_partitions_one_budget_one_version_each_and_a_cl
                                     "--name", f"worker-{n}"),
                         env=worker_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                     ))  # fmt: skip
-            parent_id = asyncio.run(_start(prefect_server, parameters(tmp_path / "parts", "report")))
+            parent_id = asyncio.run(start_run(prefect_server, PARENT, parameters(tmp_path / "parts", "report")))
             parent = asyncio.run(wait_final(prefect_server, parent_id, RUN_TIMEOUT, poll=1))
             stats = sandbox.stats()
             stored = Counter(c["email"] for c in sandbox.contacts())
             first_names = {c["email"]: c.get("first_name") for c in sandbox.contacts()}
 
             # the same partitions again, unchanged
-            again_id = asyncio.run(_start(prefect_server, parameters(tmp_path / "parts", "report-again")))
+            again_id = asyncio.run(start_run(prefect_server, PARENT, parameters(tmp_path / "parts", "report-again")))
             again = asyncio.run(wait_final(prefect_server, again_id, RUN_TIMEOUT, poll=1))
             requests_again = sandbox.stats()["requests"] - stats["requests"]
 
             # a larger run, cancelled while its children send
-            cancel_id = asyncio.run(_start(prefect_server, parameters(tmp_path / "fresh", "report-cancelled")))
+            cancel_id = asyncio.run(start_run(prefect_server, PARENT, parameters(tmp_path / "fresh", "report-cancelled")))
             asyncio.run(_cancel_while_sending(prefect_server, cancel_id, sandbox, RUN_TIMEOUT))
             cancelled = asyncio.run(wait_final(prefect_server, cancel_id, STOP_TIMEOUT, poll=1))
             stopped = asyncio.run(_children_once_final(prefect_server, cancel_id, STOP_TIMEOUT))
@@ -265,7 +224,7 @@ def test_two_workers_overlapping_partitions_one_budget_one_version_each_and_a_cl
     # both workers ran children (the server's worker events say which); the parent has the merged artifacts
     children, artifacts = asyncio.run(_children_and_artifacts(prefect_server, parent_id))
     assert len(children) == FILES and all(c.state.is_completed() for c in children)
-    ran_by = asyncio.run(_executed_by(prefect_server, {str(c.id) for c in children}))
+    ran_by = asyncio.run(executed_by(prefect_server, {str(c.id) for c in children}))
     assert set(ran_by) == {str(c.id) for c in children}, ran_by
     assert set(ran_by.values()) == {"worker-1", "worker-2"}, ran_by
     by_key = {a.key: a for a in artifacts}
