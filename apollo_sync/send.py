@@ -158,7 +158,7 @@ class Progress:
         self.total += rows
 
     async def chunk_done(self, result: ChunkResult) -> None:
-        self.done += result.outcomes.height
+        self.done += result.rows
         now = time.monotonic()
         rate = self.done / max(now - self._started, 1e-9)
         for watcher in list(_watchers):
@@ -171,7 +171,7 @@ class Progress:
             logger.info("Progress: %d of %d contacts%s (%.0f%%), %.0f contacts/s%s", self.done, self.total, more,
                         100 * self.done / max(self.total, 1), rate, left)  # fmt: skip
         if self._show is not None:
-            await self._show(result.outcomes.height, self.total)
+            await self._show(result.rows, self.total)
 
 
 @dataclass

@@ -37,10 +37,11 @@ RUN_RETENTION_SECONDS = 7 * 86400.0
 """``sync_runs`` rows (and a parent run's partition losers) with no heartbeat for this long are pruned by the next
 ``sync-partitions`` run: finished runs, or runs that died (their claims expired long before)."""
 CHUNKS_PER_LOAD_TASK = 100
+"""Chunks handled by one Prefect task run: keeps task runs bounded (1M contacts -> 100 task runs; fewer group
+boundaries, where in-flight requests drain, measured 0.77x -> 0.80-0.87x of a plain loop at 30k)."""
 RECORD_SECONDS = 0.1
-"""The load session writes Apollo's answers to the ledger at most this often (one transaction): a killed run loses
-at most this much of them, and those rows (still pending) go again with dedupe."""
-"""Chunks handled by one Prefect task run: keeps task runs bounded (1M contacts -> 100 task runs; fewer group boundaries, where in-flight requests drain, measured 0.77x -> 0.80-0.87x of a plain loop at 30k)."""
+"""The load session writes Apollo's answers to the ledger at most this often (one transaction, in a thread beside
+the requests): a killed run loses at most this much of them, and those rows (still pending) go again with dedupe."""
 
 # --- Environment ----------------------------------------------------------------------------
 ENV_API_KEY = "APOLLO_API_KEY"

@@ -115,7 +115,7 @@ async def advance_progress(handle: ProgressHandle, done_rows: int) -> None:
 async def add_progress(handle: ProgressHandle, rows: int) -> None:
     """Report ``rows`` more rows done (a delta): fits the loader's ``on_chunk_done``, called once per chunk.
 
-    ``on_chunk_done=lambda result: add_progress(handle, result.outcomes.height)``; same throttling as
+    ``on_chunk_done=lambda result: add_progress(handle, result.rows)``; same throttling as
     ``advance_progress``, and the two can be mixed (a cumulative count never moves the bar backwards).
     """
     async with handle._lock:

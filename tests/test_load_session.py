@@ -188,7 +188,7 @@ def test_hooks_are_called_and_stats_accumulate_over_calls(sandbox, tmp_path):
     assert [len(c) for c in chunks] == [10, 10, 10, 10, 5]
     assert first.stats.requests == 2 and second.stats.requests == 3 and session.stats.requests == 5
     assert len(before) == 5 and sorted(r.chunk for r in done) == [c.number for c in chunks]
-    assert sum(r.outcomes.height for r in done) == 45
+    assert sum(r.rows for r in done) == 45
 
 
 def test_must_dedupe_rows_are_chunked_apart_and_sent_with_dedupe():

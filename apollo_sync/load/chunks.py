@@ -3,7 +3,7 @@ request sends, and the outcomes frame every row ends in (pure polars and lists; 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 import polars as pl
@@ -126,29 +126,35 @@ class RowOutcome:
     status: str | None = None
 
 
-def outcomes_frame(rows: RequestRows, outcomes: Sequence[RowOutcome]) -> pl.DataFrame:
-    """The outcomes of ``rows`` (same order) as an ``OUTCOMES_SCHEMA`` frame."""
-    return pl.DataFrame(
-        {
-            "source_row": rows.source_row,
-            "email": rows.email,
-            "outcome": [o.outcome for o in outcomes],
-            "apollo_id": [o.apollo_id for o in outcomes],
-            "reason": [o.reason for o in outcomes],
-        },
-        schema=OUTCOMES_SCHEMA,
-    )
+@dataclass
+class Ends:
+    """Outcomes as plain column lists (``OUTCOMES_SCHEMA`` order): a chunk's, gathered into its group's, which
+    becomes one frame at the group's end (no frame per chunk)."""
+
+    source_row: list[int] = field(default_factory=list)
+    email: list[str | None] = field(default_factory=list)
+    outcome: list[str] = field(default_factory=list)
+    apollo_id: list[str | None] = field(default_factory=list)
+    reason: list[str | None] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, rows: RequestRows, ends: Sequence[RowOutcome]) -> Ends:
+        """The outcomes of ``rows`` (same order)."""
+        return cls(rows.source_row, rows.email, [e.outcome for e in ends], [e.apollo_id for e in ends],
+                   [e.reason for e in ends])  # fmt: skip
+
+    def extend(self, other: Ends) -> None:
+        for name in OUTCOMES_SCHEMA:
+            getattr(self, name).extend(getattr(other, name))
+
+    def __len__(self) -> int:
+        return len(self.outcome)
+
+    def frame(self) -> pl.DataFrame:
+        return pl.DataFrame({name: getattr(self, name) for name in OUTCOMES_SCHEMA}, schema=OUTCOMES_SCHEMA)
 
 
-def claimed_elsewhere(rows: pl.DataFrame, refused: Mapping[str, str]) -> pl.DataFrame:
+def claimed_elsewhere(rows: RequestRows, refused: Mapping[str, str]) -> Ends:
     """``duplicate`` outcomes for the rows whose identity another live run holds (``refused``: identity -> run)."""
-    return rows.select(
-        pl.col("source_row"),
-        pl.col("email"),
-        pl.lit("duplicate").alias("outcome"),
-        pl.lit(None, pl.String).alias("apollo_id"),
-        pl.format(
-            "claimed by another partition (run {})",
-            pl.col("identity").replace_strict(refused, return_dtype=pl.String),
-        ).alias("reason"),
-    ).cast(OUTCOMES_SCHEMA)
+    return Ends(list(rows.source_row), list(rows.email), ["duplicate"] * len(rows), [None] * len(rows),
+                [f"claimed by another partition (run {refused[identity]})" for identity in rows.identity])  # fmt: skip

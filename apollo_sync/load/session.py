@@ -37,13 +37,12 @@ import polars as pl
 from apollo_sync import settings
 from apollo_sync.errors import ApolloAPIError, InputError, RateLimited, RunStopped, TransportFailure, Unreachable
 from apollo_sync.load.chunks import (
-    OUTCOMES_SCHEMA,
     Chunk,
     RequestRows,
     RowOutcome,
+    Ends,
     claimed_elsewhere,
     cut_chunks,
-    outcomes_frame,
 )
 from apollo_sync.load.client import ApolloClient, BulkCreateResponse
 from apollo_sync.load.pacing import Pacer, Ticket
@@ -118,10 +117,11 @@ class LoadStats:
 
 @dataclass(frozen=True)
 class ChunkResult:
-    """One finished chunk, handed to ``on_chunk_done``: its number, its rows' outcomes and the requests it took."""
+    """One finished chunk, handed to ``on_chunk_done``: its number, how many rows ended (each with an outcome) and
+    the requests it took."""
 
     chunk: int
-    outcomes: pl.DataFrame
+    rows: int
     requests: int
 
 
@@ -189,9 +189,11 @@ class LoadSession:
         When the run stopped (now or on an earlier call), the result's ``stopped`` says why.
         """
         call = LoadStats()
-        results: list[pl.DataFrame | None] = [None] * len(chunks)
+        results: list[Ends | None] = [None] * len(chunks)
         pending = iter(range(len(chunks)))
-        claim = claim_group(self.ledger, self.config, chunks) if self.ledger and self.stopped is None and chunks else None
+        claim = None
+        if self.ledger and self.stopped is None and chunks:  # in a thread: requests of the group before go on
+            claim = await asyncio.to_thread(claim_group, self.ledger, self.config, chunks)
         records = Records(self.ledger, self.config.target, self.config.run_id)
         heartbeat = asyncio.create_task(renew_claims(self.ledger, self.config.run_id)) if self.ledger and chunks else None
         try:
@@ -201,59 +203,60 @@ class LoadSession:
                     for index in pending:
                         chunk = chunks[index]
                         async with self._slots:
-                            frame, to_record, requests = await self._load_chunk(chunk, claim, call)
-                        results[index] = frame
+                            ends, to_record, requests = await self._load_chunk(chunk, claim, call)
+                        results[index] = ends
                         records.add(to_record)
-                        await self._finish_chunk(chunk, frame, requests, call)
+                        await self._finish_chunk(chunk, ends, requests, call)
 
                 for _ in range(min(self.config.concurrency, len(chunks))):
                     group.create_task(worker())
         finally:
             if heartbeat is not None:
                 heartbeat.cancel()
-            records.flush()
-        frames = [frame for frame in results if frame is not None]
-        outcomes = pl.concat(frames) if frames else pl.DataFrame(schema=OUTCOMES_SCHEMA)
-        return GroupResult(outcomes, call, self.stopped)
+            await records.close()
+        every = Ends()
+        for ends in results:
+            if ends is not None:
+                every.extend(ends)
+        return GroupResult(every.frame(), call, self.stopped)
 
-    async def _load_chunk(self, chunk: Chunk, claim: Claim | None, call: LoadStats) -> tuple[pl.DataFrame, list[tuple], int]:
+    async def _load_chunk(self, chunk: Chunk, claim: Claim | None, call: LoadStats) -> tuple[Ends, list[tuple], int]:
         """Send the chunk's claimed rows (create, or in upsert mode :func:`~apollo_sync.load.upsert.upsert`); returns
         (outcomes of every row, what the ledger records of the sent rows, requests made)."""
-        send = chunk.rows
         refused = None
         dedupe = self.config.run_dedupe or chunk.must_dedupe
         sendable = self.stopped is None  # once stopped nothing is sent, so nothing goes in the ledger
-        rows = RequestRows.of(send)
+        rows = RequestRows.of(chunk.rows)
         if sendable and claim is not None:
             held = [i for i, identity in enumerate(rows.identity) if identity in claim.refused]
             if held:
-                refused = claimed_elsewhere(send[held], claim.refused)
-                kept = [i for i, identity in enumerate(rows.identity) if identity not in claim.refused]
-                send, rows = send[kept], rows.pick(kept)
-                self.count(call, "claimed_elsewhere", refused.height)
+                refused = claimed_elsewhere(rows.pick(held), claim.refused)
+                rows = rows.pick([i for i, identity in enumerate(rows.identity) if identity not in claim.refused])
+                self.count(call, "claimed_elsewhere", len(refused))
             # The ledger knew some of these rows: they may have landed.
             dedupe = dedupe or any(identity in claim.seen for identity in rows.identity)
         requests_before = call.requests
-        ends: list[RowOutcome] = []
+        outcomes: list[RowOutcome] = []
         if len(rows) and self.config.mode == "upsert":
-            ends = await upsert(self, rows, dedupe, call)
+            outcomes = await upsert(self, rows, dedupe, call)
         elif len(rows):
-            ends = await self.create(rows, dedupe, call)
-        sent = outcomes_frame(rows, ends)
+            outcomes = await self.create(rows, dedupe, call)
+        ends = Ends.of(rows, outcomes)
         # Rows this run claimed end in the ledger as they end here (after a stop: failed, not left pending).
-        to_record = ledger_rows(rows, ends) if sendable or claim is not None else []
-        frame = sent if refused is None else pl.concat([sent, refused], how="vertical")
-        return frame, to_record, call.requests - requests_before
+        to_record = ledger_rows(rows, outcomes) if sendable or claim is not None else []
+        if refused is not None:
+            ends.extend(refused)
+        return ends, to_record, call.requests - requests_before
 
-    async def _finish_chunk(self, chunk: Chunk, frame: pl.DataFrame, requests: int, call: LoadStats) -> None:
+    async def _finish_chunk(self, chunk: Chunk, ends: Ends, requests: int, call: LoadStats) -> None:
         """Count the chunk's outcomes, tell ``on_chunk_done``."""
         self.count(call, "chunks")
-        self.count(call, "rows", frame.height)
-        for outcome, n in Counter(frame.get_column("outcome").to_list()).items():
+        self.count(call, "rows", len(ends))
+        for outcome, n in Counter(ends.outcome).items():
             if outcome in ("created", "existing", "updated", "failed", "unconfirmed"):
                 self.count(call, outcome, n)
         if self.on_chunk_done is not None:
-            done = self.on_chunk_done(ChunkResult(chunk.number, frame, requests))
+            done = self.on_chunk_done(ChunkResult(chunk.number, len(ends), requests))
             if inspect.isawaitable(done):
                 await done
 
@@ -446,22 +449,29 @@ def claim_group(ledger: Ledger, config: LoadConfig, chunks: Sequence[Chunk]) -> 
 
 
 class Records:
-    """A group's answers for the ledger, written in one transaction at most every ``RECORD_SECONDS`` (and on
-    :meth:`flush`). A process killed in between leaves those rows ``pending``: the next run sends them with
-    dedupe, so nothing is created twice."""
+    """A group's answers for the ledger, written in one transaction at most every ``RECORD_SECONDS``, one write at a
+    time in a thread (the event loop goes on sending), and the rest on :meth:`close`. A process killed in between
+    leaves those rows ``pending``: the next run sends them with dedupe, so nothing is created twice."""
 
     def __init__(self, ledger: Ledger | None, target: str, run_id: str):
         self.ledger, self.target, self.run_id = ledger, target, run_id
         self.rows: list[tuple] = []
         self.written = time.monotonic()
+        self.writing: asyncio.Future | None = None
 
     def add(self, rows: list[tuple]) -> None:
         self.rows.extend(rows)
-        if time.monotonic() - self.written >= settings.RECORD_SECONDS:
-            self.flush()
+        due = time.monotonic() - self.written >= settings.RECORD_SECONDS
+        if due and self.rows and self.ledger is not None and (self.writing is None or self.writing.done()):
+            if self.writing is not None:
+                self.writing.result()  # a failed write fails the group (the rows stay pending)
+            self.writing = asyncio.ensure_future(asyncio.to_thread(self.ledger.record_rows, self.target, self.rows, self.run_id))
+            self.rows, self.written = [], time.monotonic()
 
-    def flush(self) -> None:
+    async def close(self) -> None:
+        """Wait for the write in progress, then write what is left."""
+        if self.writing is not None:
+            await self.writing
         if self.rows and self.ledger is not None:
-            self.ledger.record_rows(self.target, self.rows, self.run_id)
+            await asyncio.to_thread(self.ledger.record_rows, self.target, self.rows, self.run_id)
         self.rows = []
-        self.written = time.monotonic()
