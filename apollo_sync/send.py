@@ -255,23 +255,14 @@ class Stream:
     async def take(self, plan: Plan, *, last: bool = False) -> None:
         """Account for ``plan``'s unchanged rows and send (or in a dry run list) the rest. A part's rows that would
         leave a chunk short wait for the next part (``last``: send them now), so parts cost no extra requests."""
-        self.results.add(as_outcomes(plan.unchanged, "unchanged"))
-        if plan.elsewhere is not None:
-            self.results.add(as_outcomes(plan.elsewhere, "duplicate"))
-        if plan.dry_run:
-            self.results.add(would_send(plan.to_send))
-            return
-        to_send = plan.to_send if self._carry is None else pl.concat([self._carry, plan.to_send], how="vertical_relaxed")
-        self._carry = None
-        if not last:
-            to_send, self._carry = whole_chunks(to_send, self.run.params.load.chunk_size)
-        plan = replace(plan, to_send=to_send)
-        if plan.rows_to_send == 0:
+        # The frame work runs in a thread, so the requests in flight are answered meanwhile.
+        plan = await asyncio.to_thread(self._settle, plan, last)
+        if plan is None:
             return
         if self.sender is None:
             self.client, self.sender = await open_sender(self.run, self.steps, self.results)
         self.sender.progress.expect(plan.rows_to_send)
-        groups = cut_groups(self.sender.session, plan.to_send, self._groups)
+        groups = await asyncio.to_thread(cut_groups, self.sender.session, plan.to_send, self._groups)
         self._groups += len(groups)
         while groups:
             group = groups.pop(0)  # the stream keeps no group once it is handed over
@@ -285,6 +276,21 @@ class Stream:
                 self.sent.first_request_seconds = round(time.monotonic() - self.run.started, 3)
                 logger.info("Sending the first request %.1fs after the run started", self.sent.first_request_seconds)
             self._in_flight.add(asyncio.ensure_future(self.steps.send(self.sender, plan, group)))
+
+    def _settle(self, plan: Plan, last: bool) -> Plan | None:
+        """Write the outcomes ``plan`` already decides (unchanged, elsewhere, a dry run's); the plan of the rows to
+        send now (with the rows carried over from the last part; without those left for the next), or None."""
+        self.results.add(as_outcomes(plan.unchanged, "unchanged"))
+        if plan.elsewhere is not None:
+            self.results.add(as_outcomes(plan.elsewhere, "duplicate"))
+        if plan.dry_run:
+            self.results.add(would_send(plan.to_send))
+            return None
+        to_send = plan.to_send if self._carry is None else pl.concat([self._carry, plan.to_send], how="vertical_relaxed")
+        self._carry = None
+        if not last:
+            to_send, self._carry = whole_chunks(to_send, self.run.params.load.chunk_size)
+        return replace(plan, to_send=to_send) if to_send.height else None
 
     async def take_rest(self) -> None:
         """Send the rows still waiting for a whole chunk (the stream has ended)."""

@@ -37,6 +37,8 @@ class Chunk:
     rows: pl.DataFrame
     must_dedupe: bool = False
     updates: bool = False
+    lists: RequestRows | None = None
+    """The rows as plain lists, made when the chunks were cut (off the event loop); None: made when sent."""
 
     def __len__(self) -> int:
         return self.rows.height
@@ -73,8 +75,10 @@ def cut_chunks(to_send: pl.DataFrame, chunk_size: int, first_number: int = 0) ->
         for flag in (False, True):
             kind = (pl.col("must_dedupe") == flag) & (pl.col("update_id").is_not_null() == updates)
             part = frame.filter(kind).drop("must_dedupe")
+            lists = RequestRows.of(part)  # one conversion for the part, sliced per chunk
             for start in range(0, part.height, chunk_size):
-                chunks.append(Chunk(first_number + len(chunks), part.slice(start, chunk_size), flag, updates))
+                rows = lists.slice(start, start + chunk_size)
+                chunks.append(Chunk(first_number + len(chunks), part.slice(start, chunk_size), flag, updates, rows))
     return chunks
 
 

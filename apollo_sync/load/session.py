@@ -226,7 +226,7 @@ class LoadSession:
         refused = None
         dedupe = self.config.run_dedupe or chunk.must_dedupe
         sendable = self.stopped is None  # once stopped nothing is sent, so nothing goes in the ledger
-        rows = RequestRows.of(chunk.rows)
+        rows = chunk.lists if chunk.lists is not None else RequestRows.of(chunk.rows)
         if sendable and claim is not None:
             held = [i for i, identity in enumerate(rows.identity) if identity in claim.refused]
             if held:
