@@ -214,7 +214,11 @@ async def cancel_children(flow, flow_run, state) -> None:
         live = [c for c in children if c.state is not None and not c.state.is_final()]
         flow_run_logger(flow_run, flow).info("Cancelling %d child run(s) still running or scheduled", len(live))
         for child in live:
-            stop = Cancelled if child.state.is_scheduled() else Cancelling
+            # A run whose flow has not started (scheduled, or pending while its process starts) is cancelled at once:
+            # its process, if it comes up, finds the run final and sends nothing. Set to Cancelling instead, it
+            # would see Cancelling, exit on its own, and stay Cancelling (its worker only ends runs it stops).
+            not_started = child.state.is_scheduled() or child.state.is_pending()
+            stop = Cancelled if not_started else Cancelling
             await client.set_flow_run_state(child.id, stop(message="the parent sync-partitions run was cancelled"),
                                             force=True)  # fmt: skip
         deadline = time.monotonic() + CHILD_STOP_SECONDS
