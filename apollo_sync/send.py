@@ -2,9 +2,12 @@
 
 :class:`Stream` takes each planned part (:class:`Plan`) from :func:`apollo_sync.sync.stream_parts`, cuts its rows
 into groups of ``settings.CHUNKS_PER_LOAD_TASK`` chunks (one ``send`` step each, :data:`GROUPS_IN_FLIGHT` at once,
-so no request slot idles while the last requests of a group finish) and writes every outcome to the run's
-:class:`~apollo_sync.report.ResultsStream` as it comes. After a stop (a 401, an API that never answers) nothing
-more is sent and every later row is ``failed`` with the reason.
+so no request slot idles while the last requests of a group finish). Every outcome goes to the run's
+:class:`~apollo_sync.report.ResultsStream` as it is known: a part's unchanged rows when it is planned, a group's
+outcomes by its ``send`` step when the group ends (the stream keeps only each group's stats, :class:`Sent`).
+The frame work of a part (carrying short chunks over, cutting chunks) runs in a thread, beside the requests in
+flight. After a stop (a 401, an API that never answers) nothing more is sent and every later row is ``failed``
+with the reason.
 """
 
 from __future__ import annotations

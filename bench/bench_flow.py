@@ -9,7 +9,7 @@
   served a warm-up run. "Beyond start-up" = the 30k flow's wall time minus the median wall time of 10-row flow
   runs measured in the same process just before each 30k run (the fixed cost of a flow run: flow/task run
   records, ledger open, report files, artifacts). The raw ratio (no subtraction) is reported too.
-  Goal: flow beyond start-up >= 0.8x the plain loop's contacts/s.
+  Goal (issue 16): flow beyond start-up >= 1.0x the plain loop's contacts/s.
 - ``scaling``: total wall time of one flow run for 10k, 100k, 1M contacts (quick: 10k and 100k) in the same warm
   process (so without interpreter and Prefect start-up, which ``startup`` measures), beside the plain loop at
   the same size; ``plot()`` draws both as PNG.
@@ -44,7 +44,8 @@ OUT = HERE / "out"
 PREFECT_HOME = OUT / "prefect-home"
 KEY = "sandbox-key"
 CONCURRENCY, CHUNK_SIZE, LATENCY = 4, 100, 0.02
-GOAL_RATIO = 0.8
+GOAL_RATIO = 1.0
+"""Issue 16: the flow beyond start-up at least as fast as the plain loop (was 0.8 before it; see BENCHMARKS.md)."""
 RESULT_MARK = "BENCH_FLOW_RESULT "
 
 

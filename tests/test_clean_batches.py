@@ -56,6 +56,7 @@ def test_out_dir_writes_parquet_parts_and_scans_them(export, tmp_path: Path) -> 
     assert spilled.rejected_count == truth["invalid_email"] + truth["missing_identity"]
     assert spilled.duplicates_count == truth["duplicates_in_source"]
     assert not list(out.glob("clean-*"))  # the cleaned rows between passes are gone
+    assert not list(out.glob("source-*"))  # and so is the source's Parquet copy both passes read
     marker = json.loads((out / DONE_MARKER).read_text())
     assert marker["rows_read"] == 3000 and marker["contacts_count"] == whole.contacts.height
     # a second run into the same directory replaces the parts, never adds to them
@@ -104,6 +105,21 @@ def test_batches_are_batch_rows_long() -> None:
     assert pl.concat(list(batches(df.lazy(), lf, EngineOptions(batch_rows=300))))["source_row"].to_list() == list(
         range(1, 1001)
     )
+
+
+def test_a_spilled_source_is_read_by_slices_the_first_one_short(tmp_path: Path) -> None:
+    """The source's Parquet copy is read a slice at a time (never collect_batches, which reads ahead without
+    bound): the same rows in order, the first batch short, one empty batch for no rows."""
+    from apollo_sync.clean.engine import spill_source
+
+    lf = pl.DataFrame({"a": [str(i) for i in range(1000)]}).lazy().with_row_index("source_row", offset=1)
+    copy = spill_source(lf, tmp_path / "source.parquet")
+    assert copy.height == 1000
+    found = list(batches(copy.frame, copy.frame, EngineOptions(batch_rows=300, first_batch_rows=100), copy.height))
+    assert [b.height for b in found] == [100, 300, 300, 300]
+    assert pl.concat(found)["source_row"].to_list() == list(range(1, 1001))
+    empty = spill_source(lf.head(0), tmp_path / "empty.parquet")
+    assert [b.height for b in batches(empty.frame, empty.frame, EngineOptions(), empty.height)] == [0]
 
 
 def test_the_first_batch_is_short_so_cleaning_starts_early() -> None:

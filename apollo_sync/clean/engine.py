@@ -4,11 +4,12 @@ What a clean, valid, deduplicated contact *is* is stated in :mod:`apollo_sync.cl
 Python; this module gives the same results over whole columns, fast, and a property test holds the two together.
 The pipeline:
 
+0. With ``out_dir``, a LazyFrame source is first copied once to Parquet there (:func:`spill_source`: polars'
+   streaming sink, bounded memory); both passes below read that copy a slice at a time.
 1. **Identities first**: the identity columns alone (email, names, organization) are cleaned batch by batch with
    the same functions, and each row's identity hashed (:func:`identity_pass`). The rows whose hash repeats are
    the *candidates*: only they can be duplicates or survivors.
-2. **Batches** of ``options.batch_rows`` rows (a LazyFrame read through the streaming engine, the first batch
-   short), two at once in threads: each is mapped, cleaned and validated (:mod:`apollo_sync.clean.batch`), its
+2. **Batches** of ``options.batch_rows`` rows (the first batch short), two at once in threads: each is mapped, cleaned and validated (:mod:`apollo_sync.clean.batch`), its
    identities checked against the first read (a source that changed in between is refused), and every row
    that is not a candidate is final at once: fingerprinted and handed to ``on_ready`` (a sending run plans and
    sends it while the next batch is cleaned).
@@ -95,12 +96,13 @@ def prepare(
     Rows are numbered from 1 when ``source_row`` is absent. Raises InputError when no column can give a
     row an identity (no email, and not first/last name + company), or for a bad mapping or region.
 
-    The frame is read ``options.batch_rows`` at a time (a LazyFrame through the streaming engine), so memory is
-    bounded by a batch plus the cleaned rows. With ``out_dir`` the cleaned rows and the three results go to
-    Parquet files there instead (``contacts-*.parquet``, ``rejected-*.parquet``, ``duplicates-*.parquet``,
-    then :data:`~apollo_sync.clean.parts.DONE_MARKER`) and the Prepared's frames are LazyFrames scanning them:
-    memory then holds two batches, 12 bytes a row (identity hash and position) and the rows whose identity
-    repeats. The results are the same either way, and whatever ``options`` say.
+    The frame is read ``options.batch_rows`` at a time, so memory is bounded by a batch plus the cleaned rows.
+    With ``out_dir`` a LazyFrame is read from a Parquet copy written there first (:func:`spill_source`), and the
+    cleaned rows and the three results go to Parquet files there instead (``contacts-*.parquet``,
+    ``rejected-*.parquet``, ``duplicates-*.parquet``, then :data:`~apollo_sync.clean.parts.DONE_MARKER`); the
+    Prepared's frames are LazyFrames scanning them: memory then holds two batches, 12 bytes a row (identity hash
+    and position) and the rows whose identity repeats. The results are the same either way, and whatever
+    ``options`` say.
 
     ``on_ready(part)`` is called with each part of the contacts, in order, as soon as it is final (from this
     thread; it may block, which holds the engine back: a sending run plans and sends each part while the next is
