@@ -43,7 +43,7 @@ def prefect_harness():
 
 from sandbox_fixtures import sandbox, sandbox_factory  # noqa: E402,F401  (fixtures for every test file)
 from services import PREFECT_SERVER_PORTS, url_port  # noqa: E402
-from services import postgres, postgres_cluster_once, s3, s3_server_once  # noqa: E402,F401  (real services)
+from services import pg_url, postgres, postgres_cluster_once, s3, s3_server_once  # noqa: E402,F401  (real services)
 
 
 _SERVICE_MARKERS = {"postgres": ("postgres", "e2e"), "s3": ("s3", "e2e"), "prefect_server": ("e2e",),

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import uuid
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -182,6 +183,18 @@ def postgres(postgres_cluster_once: Postgres, request: pytest.FixtureRequest) ->
     """The session's real PostgreSQL on 127.0.0.1 (only for tests marked e2e)."""
     require_e2e_marker(request, "PostgreSQL")
     return postgres_cluster_once
+
+
+@pytest.fixture
+def pg_url(postgres: Postgres) -> str:
+    """A fresh database of the session's PostgreSQL per test (its URL carries the password), so tests do not see
+    each other's rows."""
+    import psycopg
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return postgres.url.rsplit("/", 1)[0] + "/" + name
 
 
 @pytest.fixture(scope="session")

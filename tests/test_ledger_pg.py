@@ -12,7 +12,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import uuid
 from collections import Counter
 
 import polars as pl
@@ -39,15 +38,6 @@ def outcomes(rows):
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 
-@pytest.fixture
-def pg_url(postgres):  # noqa: F811
-    """A fresh database per test, so tests do not see each other's rows."""
-    import psycopg
-
-    name = "t_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(postgres.url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return postgres.url.rsplit("/", 1)[0] + "/" + name
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.e2e])])

@@ -4,7 +4,6 @@ finds its lost rows, and pruning of old runs. Ledger tests run on SQLite and on 
 from __future__ import annotations
 
 import random
-import uuid
 
 import polars as pl
 import pytest
@@ -73,14 +72,6 @@ def test_a_child_knows_its_parent_and_number_and_a_plain_run_is_no_child():
         RunParams(parent_partition="no-number")
 
 
-@pytest.fixture
-def pg_url(postgres):  # noqa: F811
-    import psycopg
-
-    name = "t_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(postgres.url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return postgres.url.rsplit("/", 1)[0] + "/" + name
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.e2e])])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 
 import pytest
 
@@ -19,14 +18,6 @@ from services import postgres  # noqa: F401 - fixture
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
 
-@pytest.fixture
-def pg_url(postgres):  # noqa: F811
-    import psycopg
-
-    name = "b_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(postgres.url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return postgres.url.rsplit("/", 1)[0] + "/" + name
 
 
 def _age(url: str, name: str, seconds: float) -> None:

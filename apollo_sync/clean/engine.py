@@ -108,13 +108,7 @@ def prepare(
     thread; it may block, which holds the engine back: a sending run plans and sends each part while the next is
     merged, so nothing holds every contact at once).
     """
-    region = check_region(phone_region)
-    lf = numbered_rows(frame)
-    names = frame.lazy().collect_schema().names()
-    mapping = mapping or Mapping()
-    plan = plan_columns(names, mapping)
-    require_identity(plan.sources, mapping, names)
-
+    region, lf, mapping, plan = planned(frame, mapping, phone_region)
     parts = Parts(out_dir)
     rows_read = 0
     phones_dropped = dict.fromkeys(settings.PHONE_DROP_REASONS, 0)
@@ -196,18 +190,26 @@ def identities(
     what :func:`prepare` would key each row by, from the identity columns alone (email, names, organization).
 
     A row rejected only for a too large cell elsewhere still appears here (prepare() rejects it)."""
-    region = check_region(phone_region)
-    lf = numbered_rows(frame)
-    names = frame.lazy().collect_schema().names()
-    mapping = mapping or Mapping()
-    plan = plan_columns(names, mapping)
-    require_identity(plan.sources, mapping, names)
+    region, lf, mapping, plan = planned(frame, mapping, phone_region)
     with ThreadPoolExecutor(max_workers=PIPELINE_DEPTH, thread_name_prefix="apollo-sync-identities") as pool:
         found = [
             cleaned.select(SOURCE_ROW, "identity").filter(pl.col("identity").is_not_null())
             for _, cleaned in identity_pass(pool, frame, lf, plan, mapping, region, options)
         ]
     return pl.concat(found) if found else pl.DataFrame(schema={SOURCE_ROW: pl.Int64, "identity": pl.String})
+
+
+def planned(
+    frame: pl.LazyFrame | pl.DataFrame, mapping: Mapping | None, phone_region: str
+) -> tuple[str, pl.LazyFrame, Mapping, ColumnPlan]:
+    """(checked phone region, numbered rows, the mapping, which columns feed which field) for ``frame``; raises
+    InputError for a bad region or when no column can give a row an identity."""
+    region = check_region(phone_region)
+    names = frame.lazy().collect_schema().names()
+    mapping = mapping or Mapping()
+    plan = plan_columns(names, mapping)
+    require_identity(plan.sources, mapping, names)
+    return region, numbered_rows(frame), mapping, plan
 
 
 IDENTITY_TARGETS = ("email", "first_name", "last_name", FULL_NAME, "organization_name")

@@ -37,8 +37,6 @@ class Chunk:
     rows: pl.DataFrame
     must_dedupe: bool = False
     updates: bool = False
-    lists: RequestRows | None = None
-    """The rows as plain lists, made when the chunks were cut (off the event loop); None: made when sent."""
 
     def __len__(self) -> int:
         return self.rows.height
@@ -75,11 +73,22 @@ def cut_chunks(to_send: pl.DataFrame, chunk_size: int, first_number: int = 0) ->
         for flag in (False, True):
             kind = (pl.col("must_dedupe") == flag) & (pl.col("update_id").is_not_null() == updates)
             part = frame.filter(kind).drop("must_dedupe")
-            lists = RequestRows.of(part)  # one conversion for the part, sliced per chunk
             for start in range(0, part.height, chunk_size):
-                rows = lists.slice(start, start + chunk_size)
-                chunks.append(Chunk(first_number + len(chunks), part.slice(start, chunk_size), flag, updates, rows))
+                chunks.append(Chunk(first_number + len(chunks), part.slice(start, chunk_size), flag, updates))
     return chunks
+
+
+def group_lists(chunks: Sequence[Chunk]) -> list[RequestRows]:
+    """Each chunk's rows as plain lists: one conversion for the group (a few MB for 10,000 rows; a whole part as
+    Python objects would take hundreds), sliced per chunk."""
+    if not chunks:
+        return []
+    every = RequestRows.of(pl.concat([chunk.rows for chunk in chunks], how="vertical"))
+    out, start = [], 0
+    for chunk in chunks:
+        out.append(every.slice(start, start + len(chunk)))
+        start += len(chunk)
+    return out
 
 
 @dataclass

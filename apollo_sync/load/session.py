@@ -43,6 +43,7 @@ from apollo_sync.load.chunks import (
     Ends,
     claimed_elsewhere,
     cut_chunks,
+    group_lists,
 )
 from apollo_sync.load.client import ApolloClient, BulkCreateResponse
 from apollo_sync.load.pacing import Pacer, Ticket
@@ -191,9 +192,8 @@ class LoadSession:
         call = LoadStats()
         results: list[Ends | None] = [None] * len(chunks)
         pending = iter(range(len(chunks)))
-        claim = None
-        if self.ledger and self.stopped is None and chunks:  # in a thread: requests of the group before go on
-            claim = await asyncio.to_thread(claim_group, self.ledger, self.config, chunks)
+        # In a thread, while the requests of the group before go on: the rows as lists, and their claim.
+        lists, claim = await asyncio.to_thread(self._prepare_group, chunks)
         records = Records(self.ledger, self.config.target, self.config.run_id)
         heartbeat = asyncio.create_task(renew_claims(self.ledger, self.config.run_id)) if self.ledger and chunks else None
         try:
@@ -203,7 +203,7 @@ class LoadSession:
                     for index in pending:
                         chunk = chunks[index]
                         async with self._slots:
-                            ends, to_record, requests = await self._load_chunk(chunk, claim, call)
+                            ends, to_record, requests = await self._load_chunk(lists[index], chunk, claim, call)
                         results[index] = ends
                         records.add(to_record)
                         await self._finish_chunk(chunk, ends, requests, call)
@@ -220,13 +220,22 @@ class LoadSession:
                 every.extend(ends)
         return GroupResult(every.frame(), call, self.stopped)
 
-    async def _load_chunk(self, chunk: Chunk, claim: Claim | None, call: LoadStats) -> tuple[Ends, list[tuple], int]:
-        """Send the chunk's claimed rows (create, or in upsert mode :func:`~apollo_sync.load.upsert.upsert`); returns
-        (outcomes of every row, what the ledger records of the sent rows, requests made)."""
+    def _prepare_group(self, chunks: Sequence[Chunk]) -> tuple[list[RequestRows], Claim | None]:
+        """The chunks' rows as lists, and one claim of them all (the ledger is asked once per group)."""
+        claim = None
+        if self.ledger and self.stopped is None and chunks:
+            claim = claim_group(self.ledger, self.config, chunks)
+        return group_lists(chunks), claim
+
+    async def _load_chunk(
+        self, rows: RequestRows, chunk: Chunk, claim: Claim | None, call: LoadStats
+    ) -> tuple[Ends, list[tuple], int]:
+        """Send the chunk's claimed rows (``rows``: its rows as lists; create, or in upsert mode
+        :func:`~apollo_sync.load.upsert.upsert`); returns (outcomes of every row, what the ledger records of the sent
+        rows, requests made)."""
         refused = None
         dedupe = self.config.run_dedupe or chunk.must_dedupe
         sendable = self.stopped is None  # once stopped nothing is sent, so nothing goes in the ledger
-        rows = chunk.lists if chunk.lists is not None else RequestRows.of(chunk.rows)
         if sendable and claim is not None:
             held = [i for i, identity in enumerate(rows.identity) if identity in claim.refused]
             if held:
