@@ -112,7 +112,8 @@ def measure(per_file: int, overlap: int, server_rate: int, per_minute: float) ->
     achieved = (stats["requests"] - 1) / span if span > 0 else 0.0
     share = achieved / budget_per_s
     rate_limited = stats["status_counts"].get("429", 0)
-    shared = [f"person{i}@example.com" for k in range(1, FILES) for i in range(k * (per_file - overlap), k * (per_file - overlap) + overlap)]
+    step = per_file - overlap
+    shared = [f"person{i}@example.com" for k in range(1, FILES) for i in range(k * step, k * step + overlap)]
     if not parent.state.is_completed() or not again.state.is_completed():
         problems.append(f"parent runs ended {parent.state.name} and {again.state.name}")
     if share < GOAL_SHARE:
@@ -120,7 +121,8 @@ def measure(per_file: int, overlap: int, server_rate: int, per_minute: float) ->
     if rate_limited:
         problems.append(f"{rate_limited} requests were answered 429")
     if set(stored) != expected or max(stored.values(), default=0) != 1:
-        problems.append(f"{len(stored)} contacts stored ({len(expected)} expected), most copies of one: {max(stored.values(), default=0)}")
+        most = max(stored.values(), default=0)
+        problems.append(f"{len(stored)} contacts stored ({len(expected)} expected), most copies of one: {most}")
     if {first_names.get(email, "?")[:1] for email in shared} != {"P"}:
         problems.append("a contact shared by two files was not sent in the first file's version")
     if requests_again:

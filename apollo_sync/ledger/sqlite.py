@@ -192,7 +192,8 @@ class SQLiteLedger(Ledger):
             try:
                 self._db.execute(_HEARTBEAT, (run_id, HOST, os.getpid(), beat))
                 seen = {identity for identity, _ in self._db.execute(_HOLDERS, (target, keys))}
-                claimed = frozenset(i for (i,) in self._db.execute(_CLAIM, (target, rows, run_id, stamp, self._since, cutoff)))
+                returned = self._db.execute(_CLAIM, (target, rows, run_id, stamp, self._since, cutoff))
+                claimed = frozenset(identity for (identity,) in returned)
                 others = [i for i in identities if i not in claimed]
                 holders = dict(self._db.execute(_HOLDERS, (target, json.dumps(others))).fetchall()) if others else {}
             except BaseException:

@@ -2,11 +2,11 @@
 
 A :class:`LoadSession` lives for one run (the flow calls :meth:`LoadSession.load` once per group of chunks) and
 holds the client, the pacer, the ledger, the :class:`~apollo_sync.load.retry.RetryPolicy` and cumulative
-:class:`LoadStats`. For each chunk it *claims* the rows in the ledger (one transaction: marks them ``pending`` under
-this run unless a live run holds them, see ``apollo_sync.ledger``), sends the claimed ones, and records the outcome
-of every row (one transaction, in a task beside the next request). Ledger calls are synchronous on the event loop:
-each takes well under a millisecond for 100 rows, and a thread hop measured slower (GIL hand-offs) than the write
-itself.
+:class:`LoadStats`. For each group of chunks it *claims* the rows in the ledger once (one transaction: marks them
+``pending`` under this run unless a live run holds them, see ``apollo_sync.ledger``), sends the claimed ones chunk
+by chunk, and records the answers (one transaction at most every ``RECORD_SECONDS``). The claim and the writes run
+in a thread, beside the requests in flight; per chunk only plain lists are built (:class:`~.chunks.Ends`), and one
+outcomes frame per group.
 
 What happens after each attempt (429, 5xx, timeouts, 401/403, 422, ...) is the policy's decision (its module
 docstring lists the rules); the session applies it: it waits with the injected ``sleep``, sends again with dedupe
@@ -193,7 +193,8 @@ class LoadSession:
         results: list[Ends | None] = [None] * len(chunks)
         pending = iter(range(len(chunks)))
         # In a thread, while the requests of the group before go on: the rows as lists, and their claim.
-        lists, claim = await asyncio.to_thread(self._prepare_group, chunks)
+        claiming = self.ledger if self.stopped is None else None
+        lists, claim = await asyncio.to_thread(prepare_group, claiming, self.config, chunks)
         records = Records(self.ledger, self.config.target, self.config.run_id)
         heartbeat = asyncio.create_task(renew_claims(self.ledger, self.config.run_id)) if self.ledger and chunks else None
         try:
@@ -220,19 +221,9 @@ class LoadSession:
                 every.extend(ends)
         return GroupResult(every.frame(), call, self.stopped)
 
-    def _prepare_group(self, chunks: Sequence[Chunk]) -> tuple[list[RequestRows], Claim | None]:
-        """The chunks' rows as lists, and one claim of them all (the ledger is asked once per group)."""
-        claim = None
-        if self.ledger and self.stopped is None and chunks:
-            claim = claim_group(self.ledger, self.config, chunks)
-        return group_lists(chunks), claim
-
-    async def _load_chunk(
-        self, rows: RequestRows, chunk: Chunk, claim: Claim | None, call: LoadStats
-    ) -> tuple[Ends, list[tuple], int]:
-        """Send the chunk's claimed rows (``rows``: its rows as lists; create, or in upsert mode
-        :func:`~apollo_sync.load.upsert.upsert`); returns (outcomes of every row, what the ledger records of the sent
-        rows, requests made)."""
+    async def _load_chunk(self, rows: RequestRows, chunk: Chunk, claim: Claim | None, call: LoadStats) -> tuple[Ends, list[tuple], int]:
+        """Send the chunk's claimed ``rows`` (create, or in upsert mode :func:`~apollo_sync.load.upsert.upsert`);
+        returns (outcomes of every row, what the ledger records of the sent rows, requests made)."""
         refused = None
         dedupe = self.config.run_dedupe or chunk.must_dedupe
         sendable = self.stopped is None  # once stopped nothing is sent, so nothing goes in the ledger
@@ -451,6 +442,14 @@ def ledger_rows(rows: RequestRows, ends: Sequence[RowOutcome]) -> list[tuple]:
     ]
 
 
+def prepare_group(
+    ledger: Ledger | None, config: LoadConfig, chunks: Sequence[Chunk]
+) -> tuple[list[RequestRows], Claim | None]:
+    """The chunks' rows as lists, and (with a ledger) one claim of them all: the ledger is asked once per group."""
+    claim = claim_group(ledger, config, chunks) if ledger is not None and chunks else None
+    return group_lists(chunks), claim
+
+
 def claim_group(ledger: Ledger, config: LoadConfig, chunks: Sequence[Chunk]) -> Claim:
     """One claim of every row of ``chunks`` (the ledger is asked once per group, not per chunk)."""
     rows = pl.concat([chunk.rows.select("identity", "fingerprint") for chunk in chunks], how="vertical")
@@ -474,7 +473,8 @@ class Records:
         if due and self.rows and self.ledger is not None and (self.writing is None or self.writing.done()):
             if self.writing is not None:
                 self.writing.result()  # a failed write fails the group (the rows stay pending)
-            self.writing = asyncio.ensure_future(asyncio.to_thread(self.ledger.record_rows, self.target, self.rows, self.run_id))
+            write = asyncio.to_thread(self.ledger.record_rows, self.target, self.rows, self.run_id)
+            self.writing = asyncio.ensure_future(write)
             self.rows, self.written = [], time.monotonic()
 
     async def close(self) -> None:
