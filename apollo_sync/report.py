@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -89,7 +90,9 @@ class ResultsStream:
 
     Each :meth:`add` writes one Parquet part under ``<report_dir>/results-parts/`` and appends the rows to
     ``results.csv`` (in the order they were decided). :func:`write_report` then writes the whole report from
-    the parts (``results.csv`` again, every row in source order) and removes them.
+    the parts (``results.csv`` again, every row in source order) and removes them. :meth:`add` may be called
+    from several threads at once (the send steps on the event loop, a part's settled rows in a thread): each call
+    takes its part number and appends to the CSV under a lock, so no part overwrites another.
     """
 
     def __init__(self, report_dir: str | Path):
@@ -99,6 +102,7 @@ class ResultsStream:
             old.unlink()
         self.parts = 0
         self.rows = 0
+        self._lock = threading.Lock()
         self._csv = touch_private(self.report_dir / RESULTS_CSV)
         self._csv.write_text("", encoding="utf-8")
 
@@ -110,11 +114,13 @@ class ResultsStream:
             pl.col(name).cast(dtype) if name in outcomes.columns else pl.lit(None, dtype).alias(name)
             for name, dtype in RESULTS_SCHEMA.items()
         )
-        frame.write_parquet(touch_private(self.dir / f"results-{self.parts:05d}.parquet"))
-        with self._csv.open("a", encoding="utf-8", newline="") as out:
-            escape_for_spreadsheet(frame).write_csv(out, include_header=self.parts == 0)
-        self.parts += 1
-        self.rows += frame.height
+        with self._lock:
+            number = self.parts
+            self.parts += 1
+            self.rows += frame.height
+            with self._csv.open("a", encoding="utf-8", newline="") as out:
+                escape_for_spreadsheet(frame).write_csv(out, include_header=number == 0)
+        frame.write_parquet(touch_private(self.dir / f"results-{number:05d}.parquet"))
 
     def frame(self) -> pl.LazyFrame:
         """Every outcome written so far (lazy, over the parts)."""

@@ -107,3 +107,23 @@ def test_an_empty_lazy_report_has_the_header_only(tmp_path):
     out = write_report(tmp_path / "r", {"rows_read": 0}, empty, pl.DataFrame({"source_row": []}))
     assert pl.read_parquet(out / "results.parquet").height == 0
     assert (out / "results.csv").read_text().splitlines() == ["source_row,email,outcome,apollo_id,reason"]
+
+
+def test_results_added_from_several_threads_at_once_are_all_kept(tmp_path):
+    """The send steps add a group's outcomes on the event loop while a part's settled rows are added from a thread:
+    no part may take another's number (a lost file is lost outcomes) and the CSV gets one header."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from apollo_sync.report import ResultsStream
+
+    stream = ResultsStream(tmp_path / "r")
+
+    def add(start: int) -> None:
+        rows = list(range(start, start + 50))
+        stream.add(pl.DataFrame({"source_row": rows, "email": [f"p{i}@x.io" for i in rows], "outcome": "created"}))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(add, range(1, 20_001, 50)))
+    assert sorted(stream.frame().collect()["source_row"].to_list()) == list(range(1, 20_001))
+    text = (tmp_path / "r" / "results.csv").read_text().splitlines()
+    assert text[0].startswith("source_row") and len(text) == 20_001

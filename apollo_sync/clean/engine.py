@@ -10,9 +10,9 @@ The pipeline:
    the same functions, and each row's identity hashed (:func:`identity_pass`). The rows whose hash repeats are
    the *candidates*: only they can be duplicates or survivors.
 2. **Batches** of ``options.batch_rows`` rows (the first batch short), two at once in threads: each is mapped,
-   cleaned and validated (:mod:`apollo_sync.clean.batch`), its identities checked against the first read (a source that changed in between is refused), and every row
-   that is not a candidate is final at once: fingerprinted and handed to ``on_ready`` (a sending run plans and
-   sends it while the next batch is cleaned).
+   cleaned and validated (:mod:`apollo_sync.clean.batch`), its identities checked against the first read (a
+   source that changed in between is refused), and every row that is not a candidate is final at once:
+   fingerprinted and handed to ``on_ready`` (a sending run plans and sends it while the next batch is cleaned).
 3. **Dedupe** of the candidates once the source is read (:func:`apollo_sync.clean.dedupe.candidate_groups`), and
    their **merge**: duplicates dropped, survivors filled, fingerprinted, handed over last.
 
