@@ -43,6 +43,7 @@ from apollo_sync.files import check_writable_dir, private_dir, private_tree
 from apollo_sync.ledger import Ledger, open_ledger, target_for
 from apollo_sync.params import Format, RunParams, SourceParams, SyncParams
 from apollo_sync.partitions import lost_rows
+from apollo_sync.processes import heap_frozen
 from apollo_sync.redact import redact_url
 from apollo_sync.report import (
     ResultsStream,
@@ -184,7 +185,7 @@ async def send_group(sender: Sender, plan: Plan, group: Group) -> GroupSent:
     """Send ``group``, chunks of ``plan``'s rows, through the run's shared session and write every row's outcome to
     the results (``plan`` links the step to the part it came from in the Prefect UI)."""
     result = await sender.session.load(group.chunks)
-    sender.results.add(result.outcomes)
+    await asyncio.to_thread(sender.results.add, result.outcomes)  # a CSV and a Parquet write: not on the loop
     return GroupSent(result.outcomes.height, result.stats, result.stopped)
 
 
@@ -260,6 +261,11 @@ async def run_sync(params: SyncParams, *, steps: Steps = PLAIN_STEPS, run_id: st
     Raises :class:`RunAborted` after the report is written when the run had to stop (a wrong key, an API that
     never answered); InputError/ConfigError for bad input before anything is sent.
     """
+    with heap_frozen():
+        return await _run(params, steps, run_id)
+
+
+async def _run(params: SyncParams, steps: Steps, run_id: str | None) -> dict:
     run = open_run(params, run_id)
     cleaned_parts: str | None = None
     try:

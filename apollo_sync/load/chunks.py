@@ -114,10 +114,7 @@ class RequestRows:
     @classmethod
     def of(cls, frame: pl.DataFrame) -> RequestRows:
         cols = {c: frame[c].to_list() for c in frame.columns}
-        sent = [
-            SentRow(e, f, l, o)
-            for e, f, l, o in zip(cols["email"], cols["first_name"], cols["last_name"], cols["organization_name"])
-        ]
+        sent = list(map(SentRow, cols["email"], cols["first_name"], cols["last_name"], cols["organization_name"]))
         return cls(cols["source_row"], cols["identity"], cols["fingerprint"], cols["payload"], cols["email"], sent,
                    cols["update_id"], cols["base_hashes"], cols["field_hashes"])  # fmt: skip
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 
-@dataclass(frozen=True)
-class SentRow:
-    """The fields of a sent row that matching uses."""
+class SentRow(NamedTuple):
+    """The fields of a sent row that matching uses (a tuple: a group of 10,000 rows builds 10,000 of them)."""
 
     email: str | None
     first_name: str | None = None

@@ -1,0 +1,65 @@
+"""The sending side's shapes: how a run's chunks are grouped, the run's hold on the garbage collector, the first part."""
+
+from __future__ import annotations
+
+import gc
+
+import polars as pl
+import pytest
+
+from apollo_sync import settings
+from apollo_sync.clean import prepare
+from apollo_sync.load import ApolloClient, LoadConfig, LoadSession, Pacer
+from apollo_sync.processes import heap_frozen
+from apollo_sync.send import FIRST_GROUP_ROUNDS, cut_groups
+
+
+def _rows(n: int) -> pl.DataFrame:
+    emails = [f"c{i}@x.io" for i in range(n)]
+    return pl.DataFrame({"source_row": list(range(1, n + 1)), "identity": emails, "email": emails,
+                         "payload": [f'{{"email":"{e}"}}' for e in emails]})  # fmt: skip
+
+
+@pytest.mark.parametrize("concurrency", [1, 4, 40])
+def test_the_runs_first_group_is_a_few_rounds_then_whole_groups_every_chunk_once_in_order(concurrency):
+    session = LoadSession(ApolloClient("http://127.0.0.1:9/apis/v1/apollo", "k"), Pacer(), None,
+                          LoadConfig("t", concurrency=concurrency, chunk_size=10))  # fmt: skip
+    per = settings.CHUNKS_PER_LOAD_TASK
+    groups = cut_groups(session, _rows(10 * 250))  # 250 chunks
+    first = min(per, FIRST_GROUP_ROUNDS * concurrency)
+    expected = [first] + [per] * ((250 - first) // per) + ([(250 - first) % per] if (250 - first) % per else [])
+    assert [len(g.chunks) for g in groups] == expected
+    assert [g.number for g in groups] == list(range(len(groups)))
+    numbers = [chunk.number for g in groups for chunk in g.chunks]
+    assert numbers == list(range(250))
+    # A later part's groups (numbered on from the run's groups so far) are whole groups from the start.
+    later = cut_groups(session, _rows(10 * 250), first=len(groups))
+    assert [len(g.chunks) for g in later] == [per, per, 250 - 2 * per]
+    assert later[0].number == len(groups) and later[0].chunks[0].number == 250
+
+
+def test_heap_frozen_holds_the_objects_alive_at_the_start_and_gives_them_back():
+    assert gc.get_freeze_count() == 0
+    alive = [object() for _ in range(1000)]
+    with heap_frozen():
+        assert gc.get_freeze_count() >= len(alive)
+    assert gc.get_freeze_count() == 0
+
+
+def test_heap_frozen_leaves_a_process_that_froze_its_own_objects_alone():
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with heap_frozen():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen  # not unfrozen by the run
+    finally:
+        gc.unfreeze()
+
+
+def test_a_sending_runs_first_part_is_a_few_thousand_rows_however_large_the_source(tmp_path):
+    n = 30_000
+    source = pl.DataFrame({"Email": [f"c{i}@x.io" for i in range(n)], "First Name": ["Ann"] * n}).lazy()
+    parts: list[int] = []
+    prepared = prepare(source, out_dir=tmp_path / "parts", on_ready=lambda part: parts.append(part.height))
+    assert parts[0] <= 5_000 < n and sum(parts) == prepared.contacts_count == n
