@@ -29,6 +29,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,8 @@ class SyncRun:
     report_dir: Path
     ledger: Ledger
     started: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=time.time)
+    """The same moment as epoch seconds (``summary.json``'s ``started_at``)."""
 
     @property
     def cursor_key(self) -> str | None:
@@ -206,6 +209,7 @@ def write_run_report(run: SyncRun, prepared: Prepared, results: ResultsStream, s
             "phones_dropped_by_reason": prepared.phones_dropped_by_reason,  # invalid, unparseable
             "rate_limited": stats.get("http_429", 0),
             "claimed_elsewhere": stats.get("claimed_elsewhere", 0),  # counted in duplicates_in_source too
+            "started_at": datetime.fromtimestamp(run.started_at, timezone.utc).isoformat(timespec="milliseconds"),
             "first_request_seconds": sent.first_request_seconds,
             "report_dir": str(run.report_dir.resolve()),
         },

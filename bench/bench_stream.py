@@ -8,8 +8,11 @@ bench/out/prefect-home, a fresh state dir: the SQLite ledger starts empty). For 
 
 - ``peak_rss_bytes``: VmHWM of that child (the flow, its cleaning threads, the ledger; the sandbox and Prefect's
   temporary API server are other processes);
-- ``seconds``: the flow run's wall time, and ``first_request_seconds``: when the first request left, counted from
-  the start of the run inside the flow (``summary.json``);
+- ``seconds``: the flow run's wall time; ``first_request_seconds``: when the run handed its first group to the
+  send step, counted from the start of the run inside the flow (``summary.json``); ``first_request_at_sandbox_s``:
+  when the first request reached the sandbox (its clock), counted from the run's ``started_at``: the figure the
+  goal is held to; and ``first_request_from_call_s``: the same from the call of ``sync_contacts`` in a fresh
+  process (Prefect's temporary API server starts first: seconds of start-up, see bench_prefect_startup.py);
 - every contact landed once: the sandbox's ``created`` equals the rows, ``created_again`` is 0, and the summary
   says ``created`` = rows with nothing failed or unconfirmed.
 
@@ -37,17 +40,24 @@ GOAL_RSS_RATIO = 1.25
 GOAL_FIRST_REQUEST_S = 3.0
 
 _CHILD = """
-import asyncio, json, os, sys
+import asyncio, json, os, sys, time
 sys.path.insert(0, {root!r})
 from apollo_sync.params import flow_parameters, sync_params
 from flows.sync_contacts import sync_contacts
 params = sync_params(source={csv!r}, base_url={base!r}, state_dir={state!r}, report_dir={report!r},
                      api_key_block=None, concurrency={concurrency})
+called_at = time.time()
 summary = asyncio.run(sync_contacts(**flow_parameters(params)))
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
 with open(os.environ["BENCH_FIGURES"], "w") as out:
-    json.dump({{"summary": summary, "peak_rss_bytes": int(hwm) * 1024}}, out)
+    json.dump({{"summary": summary, "peak_rss_bytes": int(hwm) * 1024, "called_at": called_at}}, out)
 """
+
+
+def _epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).timestamp()
 
 
 def write_contacts(rows: int, path: Path) -> Path:
@@ -108,6 +118,10 @@ def run(sizes: list[int], concurrency: int = 8) -> dict:
                     "peak_rss_mib": round(figures["peak_rss_bytes"] / 2**20),
                     "seconds": summary["seconds"],
                     "first_request_seconds": summary["first_request_seconds"],
+                    # when the first request reached the sandbox (its clock, this machine's), from the run's start
+                    # inside the flow run and from the call of sync_contacts (Prefect's API server start included)
+                    "first_request_at_sandbox_s": round(stats["first_request_at"] - _epoch(summary["started_at"]), 3),
+                    "first_request_from_call_s": round(stats["first_request_at"] - figures["called_at"], 3),
                     "requests": summary["requests"],
                     "contacts_per_s": round(rows / summary["seconds"]),
                     "landed_once": landed_once,
@@ -119,7 +133,7 @@ def run(sizes: list[int], concurrency: int = 8) -> dict:
             problems.append(f"{rows:,} rows: peak RSS {peak / GIB:.2f} GiB > 1.5 GiB")
     if 1_000_000 in peaks and 2_000_000 in peaks and peaks[2_000_000] > GOAL_RSS_RATIO * peaks[1_000_000]:
         problems.append(f"2M peak is {peaks[2_000_000] / peaks[1_000_000]:.2f}x the 1M peak (goal <= 1.25x)")
-    first = results.get("1000000", {}).get("first_request_seconds")
+    first = results.get("1000000", {}).get("first_request_at_sandbox_s")
     if first is not None and first > GOAL_FIRST_REQUEST_S:
         problems.append(f"first request {first:.2f}s after the start on 1M rows (goal <= 3 s)")
     return {"runs": results, "problems": problems}

@@ -1,8 +1,11 @@
 """The sync-contacts flow end to end: a CRM export over real HTTP into the sandbox, under one Prefect harness."""
 
 import asyncio
+import gc
 import json
 import logging
+import time
+from datetime import datetime, timedelta
 
 import polars as pl
 import pytest
@@ -56,6 +59,7 @@ def gateway(sandbox, monkeypatch):
 
 def test_crm_export_lands_every_valid_email_once_labelled(gateway, tmp_path):
     source = crm_export(tmp_path / "export.csv")
+    called_at = time.time()
     summary = run(source=str(source), base_url=gateway.gateway_base_url, labels=["X"], chunk_size=100,
                   state_dir=str(tmp_path / "state"), report_dir=str(tmp_path / "report"), api_key_block=None)
 
@@ -70,6 +74,12 @@ def test_crm_export_lands_every_valid_email_once_labelled(gateway, tmp_path):
     assert summary["rejected"] == {"invalid_email": 1, "missing_identity": 1}
     assert (summary["rows_valid"], summary["duplicates_in_source"], summary["created"]) == (231, 1, 230)
     assert summary["requests"] == 3
+    # started_at is when the run began (UTC); the first request reached the sandbox after it, within the run
+    started_at = datetime.fromisoformat(summary["started_at"])
+    assert started_at.utcoffset() == timedelta(0) and called_at <= started_at.timestamp()
+    first_request = gateway.stats()["first_request_at"] - started_at.timestamp()
+    assert 0 <= first_request <= summary["seconds"] and summary["first_request_seconds"] <= summary["seconds"]
+    assert gc.get_freeze_count() == 0  # the run gave the objects it froze back
     drops = summary["phones_dropped_by_reason"]  # counted by reason, adding up to the total
     assert set(drops) == {"invalid", "unparseable"} and sum(drops.values()) == summary["phones_dropped"]
     written = json.loads((tmp_path / "report" / "summary.json").read_text())
