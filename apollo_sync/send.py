@@ -47,8 +47,6 @@ PROGRESS_LOG_SECONDS = 10.0
 """Least time between two progress lines in the log while contacts are sent."""
 GROUPS_IN_FLIGHT = 2
 """Groups of chunks (task runs) sending at once: the next starts while the last requests of one finish."""
-FIRST_GROUP_ROUNDS = 4
-"""The run's first group holds this many rounds of requests (``concurrency`` chunks each), not a whole group."""
 
 
 @dataclass(frozen=True)
@@ -203,18 +201,10 @@ class Group:
 
 def cut_groups(session: LoadSession, rows: pl.DataFrame, first: int = 0) -> list[Group]:
     """``rows`` in chunks (``session.make_chunks``), in groups of at most ``CHUNKS_PER_LOAD_TASK`` chunks, numbered
-    from ``first``. The run's first group (``first`` 0) is short, :data:`FIRST_GROUP_ROUNDS` rounds of requests:
-    its claim and lists are ready at once, and the next group's are made while it is sent. Cut once: nothing
-    keeps them after they are sent."""
+    from ``first``. Cut once: nothing keeps them after they are sent."""
     chunks = session.make_chunks(rows)
     per = settings.CHUNKS_PER_LOAD_TASK
-    sizes = [min(per, FIRST_GROUP_ROUNDS * session.config.concurrency)] if first == 0 else []
-    groups, start = [], 0
-    while start < len(chunks):
-        size = sizes.pop() if sizes else per
-        groups.append(Group(first + len(groups), chunks[start : start + size]))
-        start += size
-    return groups
+    return [Group(first + n, chunks[i : i + per]) for n, i in enumerate(range(0, len(chunks), per))]
 
 
 async def key_from_environment(block_name: str | None) -> str:

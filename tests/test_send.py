@@ -1,17 +1,16 @@
-"""The sending side's shapes: how a run's chunks are grouped, the run's hold on the garbage collector, the first part."""
+"""The sending side's shapes: how a run's chunks are grouped, its hold on the garbage collector, its first part."""
 
 from __future__ import annotations
 
 import gc
 
 import polars as pl
-import pytest
 
 from apollo_sync import settings
 from apollo_sync.clean import prepare
 from apollo_sync.load import ApolloClient, LoadConfig, LoadSession, Pacer
 from apollo_sync.processes import heap_frozen
-from apollo_sync.send import FIRST_GROUP_ROUNDS, cut_groups
+from apollo_sync.send import cut_groups
 
 
 def _rows(n: int) -> pl.DataFrame:
@@ -20,21 +19,17 @@ def _rows(n: int) -> pl.DataFrame:
                          "payload": [f'{{"email":"{e}"}}' for e in emails]})  # fmt: skip
 
 
-@pytest.mark.parametrize("concurrency", [1, 4, 40])
-def test_the_runs_first_group_is_a_few_rounds_then_whole_groups_every_chunk_once_in_order(concurrency):
+def test_groups_are_whole_numbered_on_across_parts_every_chunk_once_in_order():
     session = LoadSession(ApolloClient("http://127.0.0.1:9/apis/v1/apollo", "k"), Pacer(), None,
-                          LoadConfig("t", concurrency=concurrency, chunk_size=10))  # fmt: skip
+                          LoadConfig("t", concurrency=4, chunk_size=10))  # fmt: skip
     per = settings.CHUNKS_PER_LOAD_TASK
     groups = cut_groups(session, _rows(10 * 250))  # 250 chunks
-    first = min(per, FIRST_GROUP_ROUNDS * concurrency)
-    expected = [first] + [per] * ((250 - first) // per) + ([(250 - first) % per] if (250 - first) % per else [])
-    assert [len(g.chunks) for g in groups] == expected
+    assert [len(g.chunks) for g in groups] == [per, per, 250 - 2 * per]
     assert [g.number for g in groups] == list(range(len(groups)))
-    numbers = [chunk.number for g in groups for chunk in g.chunks]
-    assert numbers == list(range(250))
-    # A later part's groups (numbered on from the run's groups so far) are whole groups from the start.
-    later = cut_groups(session, _rows(10 * 250), first=len(groups))
-    assert [len(g.chunks) for g in later] == [per, per, 250 - 2 * per]
+    assert [chunk.number for g in groups for chunk in g.chunks] == list(range(250))
+    # A later part's groups are numbered on from the run's groups so far, its chunks from the chunks so far.
+    later = cut_groups(session, _rows(10 * 50), first=len(groups))
+    assert [len(g.chunks) for g in later] == [50]
     assert later[0].number == len(groups) and later[0].chunks[0].number == 250
 
 
