@@ -184,6 +184,11 @@ def plan_contacts(
     return Plan(number, to_send, unchanged, dry_run, elsewhere=elsewhere if elsewhere is not None and elsewhere.height else None)
 
 
+async def plan_in_thread(*args: Any, **kwargs: Any) -> Plan:
+    """:func:`plan_contacts` in a thread (the requests in flight are answered meanwhile)."""
+    return await asyncio.to_thread(plan_contacts, *args, **kwargs)
+
+
 async def send_group(sender: Sender, plan: Plan, group: Group) -> GroupSent:
     """Send ``group``, chunks of ``plan``'s rows, through the run's shared session and write every row's outcome to
     the results (``plan`` links the step to the part it came from in the Prefect UI)."""
@@ -235,8 +240,8 @@ class Steps:
     read: Callable[[str, SourceOptions], Source] = read_source
     clean: Callable[..., Prepared] = clean_contacts
     """``clean(source, mapping, phone_region, prepared_dir, on_ready)``, called in a thread."""
-    plan: Callable[..., Plan] = plan_contacts
-    """Called in a thread, once per part."""
+    plan: Callable[..., Awaitable[Plan]] = plan_in_thread
+    """``plan_contacts``'s arguments; awaited once per part (the work runs in a thread)."""
     send: Callable[[Sender, Plan, Group], Awaitable[GroupSent]] = send_group
     report: Callable[[SyncRun, Prepared, ResultsStream, Sent], dict] = write_run_report
     api_key: Callable[[str | None], Awaitable[str]] | None = None
@@ -315,8 +320,8 @@ async def stream_parts(run: SyncRun, steps: Steps, source: Source, parts: str | 
     try:
         number = 0
         async for part in feed.parts(cleaning):
-            plan = await asyncio.to_thread(
-                steps.plan, run.ledger, run.target, part, number, full_refresh=params.run.full_refresh,
+            plan = await steps.plan(
+                run.ledger, run.target, part, number, full_refresh=params.run.full_refresh,
                 dry_run=params.run.dry_run, mode=params.run.mode.value, labels=tuple(params.apollo.labels),
                 run_params=params.run,
             )  # fmt: skip
