@@ -38,6 +38,7 @@ from tasks.artifacts import add_progress, publish_run, start_progress
 from tasks.credentials import resolve_api_key
 from tasks.extract import clean_contacts, read_contacts
 
+
 @task(name="plan_contacts", cache_policy=NO_CACHE, persist_result=False)
 async def plan_contacts(
     ledger: Ledger,
