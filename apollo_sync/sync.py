@@ -22,6 +22,7 @@ memory of what landed, and a repeated run plans again from it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import shutil
@@ -184,9 +185,12 @@ def plan_contacts(
     return Plan(number, to_send, unchanged, dry_run, elsewhere=elsewhere if elsewhere is not None and elsewhere.height else None)
 
 
+@functools.wraps(plan_contacts)  # its signature too: the Prefect task made of this binds its arguments by it
 async def plan_in_thread(*args: Any, **kwargs: Any) -> Plan:
-    """:func:`plan_contacts` in a thread (the requests in flight are answered meanwhile)."""
     return await asyncio.to_thread(plan_contacts, *args, **kwargs)
+
+
+plan_in_thread.__doc__ = """:func:`plan_contacts` in a thread (the requests in flight are answered meanwhile)."""
 
 
 async def send_group(sender: Sender, plan: Plan, group: Group) -> GroupSent:

@@ -25,38 +25,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from apollo_sync import send, sync
-from apollo_sync.ledger import Ledger
-from apollo_sync.params import RunParams
 from apollo_sync.redact import redact_url
 from tasks.artifacts import add_progress, publish_run, start_progress
 from tasks.credentials import resolve_api_key
 from tasks.extract import clean_contacts, read_contacts
 
 
-@task(name="plan_contacts", cache_policy=NO_CACHE, persist_result=False)
-async def plan_contacts(
-    ledger: Ledger,
-    target: str,
-    part: pl.DataFrame,
-    number: int = 0,
-    *,
-    full_refresh: bool,
-    dry_run: bool,
-    mode: str = "create",
-    labels: tuple[str, ...] = (),
-    run_params: RunParams | None = None,
-) -> send.Plan:
-    """Plan one part (``sync.plan_contacts``, in a thread). An async task on purpose: a sync task run in a thread
-    opens a Prefect client of its own, and its TLS context (about 20 ms holding the GIL) stalled the requests in
-    flight once a part."""
-    return await sync.plan_in_thread(ledger, target, part, number, full_refresh=full_refresh, dry_run=dry_run,
-                                     mode=mode, labels=labels, run_params=run_params)  # fmt: skip
+# An async task doing its work in a thread, on purpose: a sync task run in a thread opens a Prefect client of its
+# own, and its TLS context (about 20 ms holding the GIL) stalled the requests in flight once a part.
+plan_contacts = task(name="plan_contacts", cache_policy=NO_CACHE, persist_result=False)(sync.plan_in_thread)
 
 
 @task(name="send_chunks", cache_policy=NO_CACHE, persist_result=False, retries=0)
