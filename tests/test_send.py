@@ -7,7 +7,7 @@ import gc
 import polars as pl
 
 from apollo_sync import settings
-from apollo_sync.clean import prepare
+from apollo_sync.clean import EngineOptions, prepare
 from apollo_sync.load import ApolloClient, LoadConfig, LoadSession, Pacer
 from apollo_sync.processes import heap_frozen
 from apollo_sync.send import cut_groups
@@ -61,4 +61,4 @@ def test_a_sending_runs_first_part_is_a_few_thousand_rows_however_large_the_sour
     source = pl.DataFrame({"Email": [f"c{i}@x.io" for i in range(n)], "First Name": ["Ann"] * n}).lazy()
     parts: list[int] = []
     prepared = prepare(source, out_dir=tmp_path / "parts", on_ready=lambda part: parts.append(part.height))
-    assert parts[0] <= 5_000 < n and sum(parts) == prepared.contacts_count == n
+    assert parts[0] == EngineOptions().first_batch_rows < n and sum(parts) == prepared.contacts_count == n

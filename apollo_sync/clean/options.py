@@ -20,9 +20,9 @@ class EngineOptions:
     """Rows cleaned at a time (two batches at once, in threads). A batch of a 15-column export costs ~0.35 GB while
     it is cleaned; only its cleaned rows (in memory, or in Parquet files with ``out_dir``) and 16 bytes a row for
     the dedupe outlive it."""
-    first_batch_rows: int = 5_000
+    first_batch_rows: int = 2_000
     """Rows in the first batch read from a LazyFrame: a sending run plans and sends them while the rest is cleaned,
-    so the first request waits for 5,000 rows, not 250,000 (and the reader parses less before the first yield)."""
+    so the first request waits for 2,000 rows, not 250,000 (BENCHMARKS.md: 2,000 against 5,000 and 50,000)."""
     repeats: int = 4
     """A column (or city/state/country combination) is cleaned once per distinct value and mapped back when it has
     at most one distinct value in this many rows of a batch."""
