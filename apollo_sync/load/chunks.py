@@ -78,16 +78,14 @@ def cut_chunks(to_send: pl.DataFrame, chunk_size: int, first_number: int = 0) ->
     return chunks
 
 
-def group_lists(chunks: Sequence[Chunk]) -> list[RequestRows]:
-    """Each chunk's rows as plain lists: one conversion for the group (a few MB for 10,000 rows; a whole part as
-    Python objects would take hundreds), sliced per chunk."""
-    if not chunks:
-        return []
-    every = RequestRows.of(pl.concat([chunk.rows for chunk in chunks], how="vertical"))
+def group_lists(rows: pl.DataFrame, sizes: Sequence[int]) -> list[RequestRows]:
+    """A group's ``rows`` (its chunks' rows, in order) as plain lists, sliced per chunk (``sizes``): one conversion
+    for the group (a few MB for 10,000 rows; a whole part as Python objects would take hundreds)."""
+    every = RequestRows.of(rows)
     out, start = [], 0
-    for chunk in chunks:
-        out.append(every.slice(start, start + len(chunk)))
-        start += len(chunk)
+    for size in sizes:
+        out.append(every.slice(start, start + size))
+        start += size
     return out
 
 

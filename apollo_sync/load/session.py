@@ -39,8 +39,8 @@ from apollo_sync.errors import ApolloAPIError, InputError, RateLimited, RunStopp
 from apollo_sync.load.chunks import (
     Chunk,
     RequestRows,
-    RowOutcome,
     Ends,
+    RowOutcome,
     claimed_elsewhere,
     cut_chunks,
     group_lists,
@@ -446,14 +446,11 @@ def prepare_group(
     ledger: Ledger | None, config: LoadConfig, chunks: Sequence[Chunk]
 ) -> tuple[list[RequestRows], Claim | None]:
     """The chunks' rows as lists, and (with a ledger) one claim of them all: the ledger is asked once per group."""
-    claim = claim_group(ledger, config, chunks) if ledger is not None and chunks else None
-    return group_lists(chunks), claim
-
-
-def claim_group(ledger: Ledger, config: LoadConfig, chunks: Sequence[Chunk]) -> Claim:
-    """One claim of every row of ``chunks`` (the ledger is asked once per group, not per chunk)."""
-    rows = pl.concat([chunk.rows.select("identity", "fingerprint") for chunk in chunks], how="vertical")
-    return ledger.claim(config.target, rows, config.run_id)
+    if not chunks:
+        return [], None
+    rows = pl.concat([chunk.rows for chunk in chunks], how="vertical")
+    claim = ledger.claim(config.target, rows.select("identity", "fingerprint"), config.run_id) if ledger is not None else None
+    return group_lists(rows, [len(chunk) for chunk in chunks]), claim
 
 
 class Records:
