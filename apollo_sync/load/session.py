@@ -449,7 +449,9 @@ def prepare_group(
     if not chunks:
         return [], None
     rows = pl.concat([chunk.rows for chunk in chunks], how="vertical")
-    claim = ledger.claim(config.target, rows.select("identity", "fingerprint"), config.run_id) if ledger is not None else None
+    claim = None
+    if ledger is not None:
+        claim = ledger.claim(config.target, rows.select("identity", "fingerprint"), config.run_id)
     return group_lists(rows, [len(chunk) for chunk in chunks]), claim
 
 
