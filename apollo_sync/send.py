@@ -34,6 +34,7 @@ from apollo_sync.load import (
     LoadStats,
     Pacer,
 )
+from apollo_sync.load.client import warm_tls_context
 from apollo_sync.load.update import would_change
 from apollo_sync.redact import api_key_from
 from apollo_sync.report import RESULTS_SCHEMA, Frame, ResultsStream
@@ -83,7 +84,7 @@ class Sent:
 
     groups: list[GroupSent] = field(default_factory=list)
     first_request_seconds: float | None = None
-    """When the first group started sending, in seconds after the run started (None: nothing was sent)."""
+    """When the first request went, in seconds after the run started (None: nothing was sent)."""
 
     @property
     def stopped(self) -> RunStopped | None:
@@ -215,18 +216,29 @@ async def key_from_environment(block_name: str | None) -> str:
     return api_key_from(key)
 
 
-async def open_sender(run: SyncRun, steps: Steps, results: ResultsStream) -> tuple[ApolloClient, Sender]:
-    """The client (to close when done) and the run's sender, progress and rate limit wired in."""
+async def open_sender(
+    run: SyncRun, steps: Steps, results: ResultsStream, on_request: Callable[[], None] | None = None
+) -> tuple[ApolloClient, Sender]:
+    """The client (to close when done) and the run's sender, progress and rate limit wired in; ``on_request()``
+    is called as each request goes (after the shared rate limit let it)."""
     apollo, load = run.params.apollo, run.params.load
     key = await (steps.api_key or key_from_environment)(apollo.api_key_block)
     progress = Progress(await steps.show_progress() if steps.show_progress else None)
     shared = steps.rate_limit if load.rate_limit_name else None
-    before = shared(load.rate_limit_name, run.params.run.state_url) if shared else None
+    acquire = shared(load.rate_limit_name, run.params.run.state_url) if shared else None
+
+    async def before() -> None:
+        if acquire is not None:
+            await acquire()
+        if on_request is not None:
+            on_request()
+
     client = ApolloClient(apollo.base_url, key, auth=apollo.auth.value, timeout=load.timeout)
     await client.__aenter__()
     config = LoadConfig(target=run.target, run_id=run.run_id, labels=tuple(apollo.labels), run_dedupe=apollo.run_dedupe,
                         concurrency=load.concurrency, chunk_size=load.chunk_size, mode=run.params.run.mode.value)  # fmt: skip
-    session = LoadSession(client, Pacer(max_rpm=load.max_rpm), run.ledger, config, before_request=before,
+    session = LoadSession(client, Pacer(max_rpm=load.max_rpm), run.ledger, config,
+                          before_request=before if acquire is not None or on_request is not None else None,
                           on_chunk_done=progress.chunk_done)  # fmt: skip
     return client, Sender(session, progress, results)
 
@@ -254,6 +266,9 @@ class Stream:
         self._in_flight: set[asyncio.Task] = set()
         self._carry: pl.DataFrame | None = None
         self._groups = 0  # groups handed to the send step so far (their numbers)
+        self._first_request = asyncio.Event()
+        # The client's TLS context, built in a thread while the first part is read and cleaned (a sending run).
+        self._tls = None if run.params.run.dry_run else asyncio.ensure_future(warm_tls_context())
 
     async def take(self, plan: Plan, *, last: bool = False) -> None:
         """Account for ``plan``'s unchanged rows and send (or in a dry run list) the rest. A part's rows that would
@@ -263,7 +278,9 @@ class Stream:
         if plan is None:
             return
         if self.sender is None:
-            self.client, self.sender = await open_sender(self.run, self.steps, self.results)
+            if self._tls is not None:
+                await self._tls
+            self.client, self.sender = await open_sender(self.run, self.steps, self.results, self._request_goes)
         self.sender.progress.expect(plan.rows_to_send)
         groups = await asyncio.to_thread(cut_groups, self.sender.session, plan.to_send, self._groups)
         self._groups += len(groups)
@@ -275,10 +292,25 @@ class Stream:
                 rows = pl.concat([chunk.rows for chunk in group.chunks])
                 self.results.add(as_outcomes(rows, "failed", reason=f"not sent: the run stopped ({self.sent.stopped.message})"))
                 continue
-            if self.sent.first_request_seconds is None:
-                self.sent.first_request_seconds = round(time.monotonic() - self.run.started, 3)
-                logger.info("Sending the first request %.1fs after the run started", self.sent.first_request_seconds)
-            self._in_flight.add(asyncio.ensure_future(self.steps.send(self.sender, plan, group)))
+            sending = asyncio.ensure_future(self.steps.send(self.sender, plan, group))
+            self._in_flight.add(sending)
+            if not self._first_request.is_set():
+                await self._until_first_request(sending)
+
+    def _request_goes(self) -> None:
+        if not self._first_request.is_set():
+            self._first_request.set()
+            self.sent.first_request_seconds = round(time.monotonic() - self.run.started, 3)
+            logger.info("Sending the first request %.1fs after the run started", self.sent.first_request_seconds)
+
+    async def _until_first_request(self, sending: asyncio.Future) -> None:
+        """Wait until the run's first request is out (or its group ended without one): the ledger claims the
+        group's rows first, and the next part's plan would compete with that claim for the ledger and the CPU."""
+        first = asyncio.ensure_future(self._first_request.wait())
+        try:
+            await asyncio.wait({first, sending}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            first.cancel()
 
     def _settle(self, plan: Plan, last: bool) -> Plan | None:
         """Write the outcomes ``plan`` already decides (unchanged, elsewhere, a dry run's); the plan of the rows to
@@ -324,6 +356,8 @@ class Stream:
         return self.sent
 
     async def close(self) -> None:
+        if self._tls is not None:
+            await asyncio.gather(self._tls, return_exceptions=True)
         for task in self._in_flight:
             task.cancel()
         if self._in_flight:

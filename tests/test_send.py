@@ -62,3 +62,62 @@ def test_a_sending_runs_first_part_is_a_few_thousand_rows_however_large_the_sour
     parts: list[int] = []
     prepared = prepare(source, out_dir=tmp_path / "parts", on_ready=lambda part: parts.append(part.height))
     assert parts[0] == EngineOptions().first_batch_rows < n and sum(parts) == prepared.contacts_count == n
+
+
+def test_the_next_part_is_planned_only_once_the_first_request_is_out(sandbox, tmp_path, monkeypatch):
+    # Two parts (2,000 rows, then the rest): the first group's claim goes first, then the first request, and only
+    # then the second part's plan, which would otherwise compete with that claim for the ledger and the CPU.
+    import asyncio
+    import dataclasses
+
+    from apollo_sync.ledger.sqlite import SQLiteLedger
+    from apollo_sync.load.client import ApolloClient as Client
+    from apollo_sync.params import sync_params
+    from apollo_sync.settings import ENV_API_KEY
+    from apollo_sync.sync import PLAIN_STEPS, run_sync
+
+    monkeypatch.setenv(ENV_API_KEY, sandbox.config.api_key)
+    n = EngineOptions().first_batch_rows + 700
+    path = tmp_path / "contacts.csv"
+    pl.DataFrame({"Email": [f"c{i}@x.io" for i in range(n)], "First Name": ["Ann"] * n}).write_csv(path)
+    events: list[str] = []
+    claim, bulk_create = SQLiteLedger.claim, Client.bulk_create
+
+    def claiming(self, *args, **kwargs):
+        result = claim(self, *args, **kwargs)
+        events.append("claim")
+        return result
+
+    async def sending(self, *args, **kwargs):
+        events.append("request")
+        return await bulk_create(self, *args, **kwargs)
+
+    async def planning(*args, **kwargs):
+        events.append(f"plan {args[3]}")
+        return await PLAIN_STEPS.plan(*args, **kwargs)
+
+    monkeypatch.setattr(SQLiteLedger, "claim", claiming)
+    monkeypatch.setattr(Client, "bulk_create", sending)
+    params = sync_params(source=str(path), base_url=sandbox.gateway_base_url, state_dir=str(tmp_path / "state"))
+    summary = asyncio.run(run_sync(params, steps=dataclasses.replace(PLAIN_STEPS, plan=planning)))
+    assert summary["created"] == n and events[:4] == ["plan 0", "claim", "request", "plan 1"]
+    # The figure is the first request's moment, after the run started and within the run.
+    assert 0 < summary["first_request_seconds"] < summary["seconds"]
+
+
+def test_clients_share_one_tls_context_per_set_of_trust_variables(tmp_path, monkeypatch):
+    import shutil
+
+    import certifi
+
+    from apollo_sync.load.client import tls_context
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    first, second = ApolloClient("https://a.example/api/v1", "k"), ApolloClient("http://127.0.0.1:9/x", "k")
+    assert first._http._transport._pool._ssl_context is tls_context() is second._http._transport._pool._ssl_context
+    # Pointing SSL_CERT_FILE elsewhere gives a context built from that file, not the cached one.
+    bundle = shutil.copy(certifi.where(), tmp_path / "ca.pem")
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    assert tls_context() is not first._http._transport._pool._ssl_context
+    assert ApolloClient("https://a.example/api/v1", "k")._http._transport._pool._ssl_context is tls_context()
