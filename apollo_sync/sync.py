@@ -185,12 +185,21 @@ def plan_contacts(
     return Plan(number, to_send, unchanged, dry_run, elsewhere=elsewhere if elsewhere is not None and elsewhere.height else None)
 
 
-@functools.wraps(plan_contacts)  # its signature too: the Prefect task made of this binds its arguments by it
-async def plan_in_thread(*args: Any, **kwargs: Any) -> Plan:
-    return await asyncio.to_thread(plan_contacts, *args, **kwargs)
+def in_thread(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """``fn`` as a coroutine function that runs it in a thread, with ``fn``'s signature (a Prefect task made of it
+    binds its arguments by that). The event loop answers the requests in flight meanwhile, and as an async task it
+    shares the flow's Prefect client: a sync task run opens a client of its own, whose TLS context holds the GIL
+    about 20 ms."""
+
+    @functools.wraps(fn)
+    async def in_a_thread(*args: Any, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    in_a_thread.__doc__ = f":func:`{fn.__name__}` in a thread."
+    return in_a_thread
 
 
-plan_in_thread.__doc__ = """:func:`plan_contacts` in a thread (the requests in flight are answered meanwhile)."""
+plan_in_thread = in_thread(plan_contacts)
 
 
 async def send_group(sender: Sender, plan: Plan, group: Group) -> GroupSent:
@@ -230,6 +239,10 @@ def write_run_report(run: SyncRun, prepared: Prepared, results: ResultsStream, s
     return summary
 
 
+read_in_thread = in_thread(read_source)
+report_in_thread = in_thread(write_run_report)
+
+
 def problem_rows(report_dir: str | Path) -> pl.DataFrame:
     """The failed, rejected and unconfirmed rows of a written report (for the problems artifact)."""
     path = Path(report_dir) / "results.parquet"
@@ -241,13 +254,15 @@ class Steps:
     """How :func:`run_sync` runs each stage. The defaults are this module's plain functions; the flow passes
     Prefect tasks wrapping the same functions (``tasks.steps``), so the run shows in the UI as a task graph."""
 
-    read: Callable[[str, SourceOptions], Source] = read_source
+    read: Callable[[str, SourceOptions], Awaitable[Source]] = read_in_thread
+    """``read_source``'s arguments, awaited (the work runs in a thread)."""
     clean: Callable[..., Prepared] = clean_contacts
     """``clean(source, mapping, phone_region, prepared_dir, on_ready)``, called in a thread."""
     plan: Callable[..., Awaitable[Plan]] = plan_in_thread
     """``plan_contacts``'s arguments; awaited once per part (the work runs in a thread)."""
     send: Callable[[Sender, Plan, Group], Awaitable[GroupSent]] = send_group
-    report: Callable[[SyncRun, Prepared, ResultsStream, Sent], dict] = write_run_report
+    report: Callable[[SyncRun, Prepared, ResultsStream, Sent], Awaitable[dict]] = report_in_thread
+    """``write_run_report``'s arguments, awaited (the work runs in a thread)."""
     api_key: Callable[[str | None], Awaitable[str]] | None = None
     """Where the key comes from (given the Secret block name); default: the environment."""
     show_progress: Callable[[], Awaitable[Callable[[int, int], Awaitable[None]]]] | None = None
@@ -283,7 +298,7 @@ async def _run(params: SyncParams, steps: Steps, run_id: str | None) -> dict:
     cleaned_parts: str | None = None
     try:
         mark = run.ledger.get_mark(run.cursor_key) if run.cursor_key else None
-        source = steps.read(params.source.path, source_options(params.source, mark))
+        source = await steps.read(params.source.path, source_options(params.source, mark))
         if steps.prepared_dir is not None:
             parts = steps.prepared_dir(run)
         else:
@@ -293,7 +308,7 @@ async def _run(params: SyncParams, steps: Steps, run_id: str | None) -> dict:
         prepared, stream = await stream_parts(run, steps, source, parts)
         if cleaned_parts and Path(cleaned_parts).exists():
             private_tree(cleaned_parts)
-        summary = steps.report(run, prepared, stream.results, stream.sent)
+        summary = await steps.report(run, prepared, stream.results, stream.sent)
         stopped = stream.sent.stopped
         _advance_cursor(run, source, summary, stopped)
         if steps.publish is not None:

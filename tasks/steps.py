@@ -36,8 +36,8 @@ from tasks.credentials import resolve_api_key
 from tasks.extract import clean_contacts, read_contacts
 
 
-# An async task doing its work in a thread, on purpose: a sync task run in a thread opens a Prefect client of its
-# own, and its TLS context (about 20 ms holding the GIL) stalled the requests in flight once a part.
+# Async tasks doing their work in a thread, on purpose: a sync task run opens a Prefect client of its own, and its
+# TLS context (about 20 ms holding the GIL) stalled the requests in flight once a part, and delayed the first one.
 plan_contacts = task(name="plan_contacts", cache_policy=NO_CACHE, persist_result=False)(sync.plan_in_thread)
 
 
@@ -48,7 +48,7 @@ async def send_chunks(sender: send.Sender, plan: send.Plan, group: send.Group) -
     return await sync.send_group(sender, plan, group)
 
 
-write_report = task(name="write_report", cache_policy=NO_CACHE, persist_result=False)(sync.write_run_report)
+write_report = task(name="write_report", cache_policy=NO_CACHE, persist_result=False)(sync.report_in_thread)
 
 
 async def progress_artifact() -> Callable[[int, int], Awaitable[None]]:

@@ -180,9 +180,16 @@ async def _browse(chromium: str, ui: str, server: PrefectServer, deployment, val
                 pass
             await page.screenshot(path=shots / SCREENSHOTS["finished"], full_page=True)
             await summary_card.click()
-            for text in (f"Rows read: {VALID + 1}, valid: {VALID}.", "invalid_email"):  # the markdown, rendered
+            wanted = (f"Rows read: {VALID + 1}, valid: {VALID}.", "invalid_email")  # the markdown, rendered
+            for text in wanted:
                 await page.get_by_text(text, exact=True).wait_for()
-            summary_text = await page.locator("body").inner_text()
+            # The page's text once both show together (the UI may still be swapping views when one first appears).
+            summary_text = ""
+            for _ in range(50):
+                summary_text = await page.locator("body").inner_text()
+                if all(text in summary_text for text in wanted):
+                    break
+                await asyncio.sleep(0.2)
             return sections, flow_run_id, summary_text
         finally:
             await browser.close()
