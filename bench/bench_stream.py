@@ -8,8 +8,8 @@ bench/out/prefect-home, a fresh state dir: the SQLite ledger starts empty). For 
 
 - ``peak_rss_bytes``: VmHWM of that child (the flow, its cleaning threads, the ledger; the sandbox and Prefect's
   temporary API server are other processes);
-- ``seconds``: the flow run's wall time; ``first_request_seconds``: when the run handed its first group to the
-  send step, counted from the start of the run inside the flow (``summary.json``); ``first_request_at_sandbox_s``:
+- ``seconds``: the flow run's wall time; ``first_request_seconds``: when the first request went, counted from
+  the start of the run inside the flow (``summary.json``); ``first_request_at_sandbox_s``:
   when the first request reached the sandbox (its clock), counted from the run's ``started_at``: the figure the
   goal is held to; and ``first_request_from_call_s``: the same from the call of ``sync_contacts`` in a fresh
   process (Prefect's temporary API server starts first: seconds of start-up, see bench_prefect_startup.py);
