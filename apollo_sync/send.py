@@ -137,7 +137,8 @@ _watchers: list[Callable[[int, int, float], None]] = []
 @contextmanager
 def watching_progress(callback: Callable[[int, int, float], None]) -> Iterator[None]:
     """Call ``callback(done, total, contacts_per_second)`` after every chunk any run of this process sends, while in
-    the block (the CLI's progress bar). ``total`` counts the rows planned so far: it grows while parts are cleaned."""
+    the block (the CLI's progress bar). ``total`` counts the rows planned so far: it grows while parts are cleaned
+    and planned (a part waits to be planned until the groups before it are nearly sent)."""
     _watchers.append(callback)
     try:
         yield
@@ -153,7 +154,8 @@ class Progress:
     def __init__(self, show: Callable[[int, int], Awaitable[None]] | None = None):
         self.total = 0
         self.done = 0
-        self.cleaning = True
+        self.planning = True
+        """More parts may come: the total counts the rows planned so far."""
         self._show = show
         self._started = self._logged = time.monotonic()
 
@@ -167,11 +169,11 @@ class Progress:
         rate = self.done / max(now - self._started, 1e-9)
         for watcher in list(_watchers):
             watcher(self.done, self.total, rate)
-        last = self.done >= self.total and not self.cleaning
+        last = self.done >= self.total and not self.planning
         if now - self._logged >= PROGRESS_LOG_SECONDS or (last and self._logged != float("inf")):
             self._logged = float("inf") if last else now  # the last line once
-            more = " planned so far (cleaning goes on)" if self.cleaning else ""
-            left = "" if self.cleaning else f", about {(self.total - self.done) / rate if rate else 0:.0f}s to go"
+            more = " planned so far (more parts to plan)" if self.planning else ""
+            left = "" if self.planning else f", about {(self.total - self.done) / rate if rate else 0:.0f}s to go"
             logger.info("Progress: %d of %d contacts%s (%.0f%%), %.0f contacts/s%s", self.done, self.total, more,
                         100 * self.done / max(self.total, 1), rate, left)  # fmt: skip
         if self._show is not None:
@@ -347,7 +349,7 @@ class Stream:
         if self.sender is None and not self.run.params.run.dry_run:
             logger.info("Nothing new or changed since the last sync: no request needed")
         if self.sender is not None:
-            self.sender.progress.cleaning = False
+            self.sender.progress.planning = False
         try:
             while self._in_flight:
                 await self._one_done()
