@@ -13,7 +13,9 @@ a request (so a small source makes many requests).
 
 Figures: requests and 429s from the sandbox's counters; the rate the children achieved together, from the
 sandbox's clock at the first and the last request: ``(requests - 1) / (last - first)``, as a share of the budget
-(goal >= 90 %, and no 429: the server's windows were never passed); every contact stored once, in the first file's
+(goal >= 90 %, and no 429: the server's windows were never passed); how many whole seconds of that clock saw
+each number of requests, and which seconds (counted from the first) fell more than one request short of the
+budget; every contact stored once, in the first file's
 version; the unchanged re-run of the same partitions (goal: no request); which worker ran each child (the
 server's ``prefect.worker.executed-flow-run`` events). Exit 1 when a goal is missed.
 """
@@ -112,6 +114,11 @@ def measure(per_file: int, overlap: int, server_rate: int, per_minute: float) ->
     achieved = (stats["requests"] - 1) / span if span > 0 else 0.0
     share = achieved / budget_per_s
     rate_limited = stats["status_counts"].get("429", 0)
+    # where the rate fell short: requests per whole second of the sandbox's clock (the first and last are partial)
+    by_second = stats.get("requests_by_second") or []
+    inner, start = by_second[1:-1], (by_second[0][0] if by_second else 0)
+    per_second = dict(sorted(Counter(n for _, n in inner).items()))
+    short_seconds = [[second - start, n] for second, n in inner if n < budget_per_s - 1]
     step = per_file - overlap
     shared = [f"person{i}@example.com" for k in range(1, FILES) for i in range(k * step, k * step + overlap)]
     if not parent.state.is_completed() or not again.state.is_completed():
@@ -139,6 +146,8 @@ def measure(per_file: int, overlap: int, server_rate: int, per_minute: float) ->
         "sending_seconds": round(span, 2),
         "achieved_per_s": round(achieved, 2),
         "share_of_budget": round(share, 4),
+        "seconds_by_requests_in_them": per_second,
+        "short_seconds": short_seconds,
         "parent_seconds": round(parent_seconds, 1),
         "contacts_stored_once": len(stored) == len(expected) and max(stored.values(), default=0) == 1,
         "rerun_requests": requests_again,

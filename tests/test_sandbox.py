@@ -259,6 +259,8 @@ def test_gateway_rate_window_429_then_passes_after_reset(sandbox_factory):
     assert after.status_code == 200 and after.headers["X-RateLimit-Remaining"] == "2"
     assert sb.stats()["status_counts"] == {"200": 4, "429": 1}
     assert len(sb.contacts()) == 4
+    # per whole second of the server's clock: the first window's three and its 429, then the one after the reset
+    assert sb.stats()["requests_by_second"] == [[1_700_000_000, 4], [1_700_000_001, 1]]
 
 
 def test_apollo_rate_headers_name_each_window(sandbox_factory):

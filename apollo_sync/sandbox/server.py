@@ -251,7 +251,9 @@ class SandboxServer(SandboxURLs):
         once per request each, an async one or one answered 500 after applying included); ``async_updates``
         counts bulk_update requests answered "accepted, asynchronous"; ``created_again`` counts creates of an email
         already stored (lean store only); ``first_request_at`` and ``last_request_at`` are the server's clock (epoch
-        seconds) at the first and latest rate-counted request (None before one), for the rate a run achieved.
+        seconds) at the first and latest rate-counted request (None before one), for the rate a run achieved;
+        ``requests_by_second`` lists ``[second, requests]`` per whole second of that clock (the last hour), to see
+        where a run fell short of a rate.
         """
         return self._state().stats()
 

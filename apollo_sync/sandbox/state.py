@@ -30,6 +30,8 @@ from apollo_sync import settings
 from apollo_sync.errors import InputError
 
 Clock = Callable[[], float]
+BY_SECOND_KEPT = 3600
+"""Whole seconds of the clock whose request counts ``stats()`` keeps (the last hour of traffic)."""
 """Seconds since the epoch, like ``time.time``."""
 
 GATEWAY = "gateway"
@@ -152,6 +154,7 @@ class SandboxState:
             self.async_updates = 0
             self.first_request_at: float | None = None
             self.last_request_at: float | None = None
+            self.by_second: dict[int, int] = {}  # whole seconds of the clock -> requests answered in it (the last hour)
 
     # --- counters (lock held) ----------------------------------------------------------------
     def count_answer(self, label: str, endpoint: str = "bulk_create", *, asynchronous: bool = False) -> None:
@@ -160,6 +163,10 @@ class SandboxState:
         self.requests += 1
         self.last_request_at = self.clock()
         self.first_request_at = self.first_request_at or self.last_request_at
+        second = int(self.last_request_at)
+        self.by_second[second] = self.by_second.get(second, 0) + 1
+        if len(self.by_second) > BY_SECOND_KEPT:
+            del self.by_second[next(iter(self.by_second))]
         self.requests_by_endpoint[endpoint] += 1
         self.status_counts[label] = self.status_counts.get(label, 0) + 1
         self.async_updates += asynchronous
@@ -344,6 +351,7 @@ class SandboxState:
                 "async_updates": self.async_updates,
                 "first_request_at": self.first_request_at,
                 "last_request_at": self.last_request_at,
+                "requests_by_second": [[second, n] for second, n in sorted(self.by_second.items())],
             }
 
     def contacts(self) -> list[dict[str, Any]]:
