@@ -353,8 +353,10 @@ class PartitionParams(Group):
         title="Directory for row-range parts",
         description="Every worker must read it (default: under the report directory).",
     )
+    # 1 s (5 s before): a partition waiting for a free slot leaves the shared budget idle until the parent looks.
     poll_seconds: float = Field(
-        5.0, gt=0, le=60, title="Poll interval (s)", description="How often the parent checks whether a child finished."
+        1.0, gt=0, le=60, title="Poll interval (s)",
+        description="How often the parent checks whether a child finished: the next partition waits that long.",
     )
 
 
