@@ -30,9 +30,9 @@ from apollo_sync import settings
 from apollo_sync.errors import InputError
 
 Clock = Callable[[], float]
+"""Seconds since the epoch, like ``time.time``."""
 BY_SECOND_KEPT = 3600
 """Whole seconds of the clock whose request counts ``stats()`` keeps (the last hour of traffic)."""
-"""Seconds since the epoch, like ``time.time``."""
 
 GATEWAY = "gateway"
 APOLLO = "apollo"
