@@ -219,7 +219,7 @@ async def key_from_environment(block_name: str | None) -> str:
 
 
 async def open_sender(
-    run: SyncRun, steps: Steps, results: ResultsStream, on_request: Callable[[], None] | None = None
+    run: SyncRun, steps: Steps, results: ResultsStream, on_request: Callable[[], None]
 ) -> tuple[ApolloClient, Sender]:
     """The client (to close when done) and the run's sender, progress and rate limit wired in; ``on_request()``
     is called as each request goes (after the shared rate limit let it)."""
@@ -232,15 +232,13 @@ async def open_sender(
     async def before() -> None:
         if acquire is not None:
             await acquire()
-        if on_request is not None:
-            on_request()
+        on_request()
 
     client = ApolloClient(apollo.base_url, key, auth=apollo.auth.value, timeout=load.timeout)
     await client.__aenter__()
     config = LoadConfig(target=run.target, run_id=run.run_id, labels=tuple(apollo.labels), run_dedupe=apollo.run_dedupe,
                         concurrency=load.concurrency, chunk_size=load.chunk_size, mode=run.params.run.mode.value)  # fmt: skip
-    session = LoadSession(client, Pacer(max_rpm=load.max_rpm), run.ledger, config,
-                          before_request=before if acquire is not None or on_request is not None else None,
+    session = LoadSession(client, Pacer(max_rpm=load.max_rpm), run.ledger, config, before_request=before,
                           on_chunk_done=progress.chunk_done)  # fmt: skip
     return client, Sender(session, progress, results)
 

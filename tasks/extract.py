@@ -1,8 +1,8 @@
-"""Extraction and cleaning as Prefect tasks.
+"""The cached cleaning task (opening the source, lazy and cheap, is ``tasks.steps.read_contacts``).
 
-``read_contacts`` opens the source lazily (cheap; never cached). ``clean_contacts`` runs the polars transform and is
-cached on the source's content fingerprint, the mapping file's content, the phone region and the transform's code,
-so a retried or repeated flow run over unchanged input does not recompute it. Changing any of those (or
+``clean_contacts`` runs the polars transform and is cached on the source's content fingerprint, the mapping
+file's content, the phone region and the transform's code, so a retried or repeated flow run over unchanged input
+does not recompute it. Changing any of those (or
 ``PREFECT_TASKS_REFRESH_CACHE=true``) computes it again.
 
 With ``prepared_dir`` (the flow passes ``<state_dir>/prepared``) the transform writes its results as Parquet parts
@@ -13,7 +13,6 @@ names one generation of them (a token written with them), so a cached result nev
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import importlib
 import inspect
@@ -27,12 +26,11 @@ from pathlib import Path
 import polars as pl
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from apollo_sync import clean
 from apollo_sync.files import locked, private_dir, private_tree, touch_private
-from apollo_sync.sources import Source, SourceOptions, read_source
+from apollo_sync.sources import Source
 
 _CLEAN_MODULES = [
     clean, *(importlib.import_module(f"{clean.__name__}.{m.name}") for m in pkgutil.iter_modules(clean.__path__))
@@ -42,13 +40,6 @@ _TRANSFORM_CODE = hashlib.sha256(
 ).hexdigest()[:16]
 """Changes to the cleaning code (every module of apollo_sync.clean) invalidate cached results, like Prefect's
 TASK_SOURCE but for the whole stage."""
-
-
-@task(name="read_source", cache_policy=NO_CACHE, persist_result=False)
-async def read_contacts(spec: str, options: SourceOptions) -> Source:
-    """Open ``spec`` as a lazy frame of text columns with a content fingerprint. An async task working in a
-    thread: it shares the flow's Prefect client (a sync task run opens its own: ~20 ms of TLS set-up)."""
-    return await asyncio.to_thread(read_source, spec, options)
 
 
 CLEAN_CACHE_EXPIRATION = timedelta(days=1)

@@ -33,11 +33,12 @@ from apollo_sync import send, sync
 from apollo_sync.redact import redact_url
 from tasks.artifacts import add_progress, publish_run, start_progress
 from tasks.credentials import resolve_api_key
-from tasks.extract import clean_contacts, read_contacts
+from tasks.extract import clean_contacts
 
 
 # Async tasks doing their work in a thread, on purpose: a sync task run opens a Prefect client of its own, and its
 # TLS context (about 20 ms holding the GIL) stalled the requests in flight once a part, and delayed the first one.
+read_contacts = task(name="read_source", cache_policy=NO_CACHE, persist_result=False)(sync.read_in_thread)
 plan_contacts = task(name="plan_contacts", cache_policy=NO_CACHE, persist_result=False)(sync.plan_in_thread)
 
 
