@@ -149,7 +149,10 @@ def watching_progress(callback: Callable[[int, int, float], None]) -> Iterator[N
 class Progress:
     """Counts sent rows against those planned so far; logs a progress line at most every
     :data:`PROGRESS_LOG_SECONDS` (and at the end); tells the watchers of :func:`watching_progress` after every
-    chunk and ``show(rows, total)`` (the flow's progress artifact)."""
+    chunk and ``show(rows, total)`` (the flow's progress artifact) beside the requests: a chunk's worker never
+    waits for it (an artifact update is an API call; awaited in the worker, it held every slot whose chunk ended
+    meanwhile). Rows done while one ``show`` is under way go to the next, so calls do not pile up; :meth:`shown`
+    waits for the last."""
 
     def __init__(self, show: Callable[[int, int], Awaitable[None]] | None = None):
         self.total = 0
@@ -157,6 +160,8 @@ class Progress:
         self.planning = True
         """More parts may come: the total counts the rows planned so far."""
         self._show = show
+        self._unshown = 0
+        self._showing: asyncio.Task | None = None
         self._started = self._logged = time.monotonic()
 
     def expect(self, rows: int) -> None:
@@ -177,7 +182,19 @@ class Progress:
             logger.info("Progress: %d of %d contacts%s (%.0f%%), %.0f contacts/s%s", self.done, self.total, more,
                         100 * self.done / max(self.total, 1), rate, left)  # fmt: skip
         if self._show is not None:
-            await self._show(result.rows, self.total)
+            self._unshown += result.rows
+            if self._showing is None or self._showing.done():
+                self._showing = asyncio.ensure_future(self._show_unshown())
+
+    async def _show_unshown(self) -> None:
+        while self._unshown:
+            rows, self._unshown = self._unshown, 0
+            await self._show(rows, self.total)  # type: ignore[misc]
+
+    async def shown(self) -> None:
+        """Wait until ``show`` has been told of every chunk done so far."""
+        if self._showing is not None:
+            await self._showing
 
 
 @dataclass
@@ -366,3 +383,5 @@ class Stream:
         if self.client is not None:
             await self.client.aclose()
             self.client = None
+        if self.sender is not None:
+            await self.sender.progress.shown()

@@ -121,3 +121,45 @@ def test_clients_share_one_tls_context_per_set_of_trust_variables(tmp_path, monk
     monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
     assert tls_context() is not first._http._transport._pool._ssl_context
     assert ApolloClient("https://a.example/api/v1", "k")._http._transport._pool._ssl_context is tls_context()
+
+
+def test_sending_goes_on_while_the_progress_display_is_busy(sandbox, tmp_path, monkeypatch):
+    # One request in flight at a time, and a progress display that answers only once every request has been made:
+    # were a chunk's worker to wait for the display (an API call in the flow), the run would never finish.
+    import asyncio
+    import dataclasses
+
+    from apollo_sync.load.client import ApolloClient as Client
+    from apollo_sync.params import sync_params
+    from apollo_sync.settings import ENV_API_KEY
+    from apollo_sync.sync import PLAIN_STEPS, run_sync
+
+    monkeypatch.setenv(ENV_API_KEY, sandbox.config.api_key)
+    n, size = 50, 5
+    path = tmp_path / "contacts.csv"
+    pl.DataFrame({"Email": [f"c{i}@x.io" for i in range(n)]}).write_csv(path)
+    made, shown = [0], []
+    everything_sent = asyncio.Event()
+    bulk_create = Client.bulk_create
+
+    async def sending(self, *args, **kwargs):
+        made[0] += 1
+        if made[0] == n // size:
+            everything_sent.set()
+        return await bulk_create(self, *args, **kwargs)
+
+    async def show_progress():
+        async def show(rows: int, total: int) -> None:
+            await everything_sent.wait()
+            shown.append((rows, total))
+
+        return show
+
+    monkeypatch.setattr(Client, "bulk_create", sending)
+    params = sync_params(source=str(path), base_url=sandbox.gateway_base_url, state_dir=str(tmp_path / "state"),
+                         concurrency=1, chunk_size=size)  # fmt: skip
+    steps = dataclasses.replace(PLAIN_STEPS, show_progress=show_progress)
+    summary = asyncio.run(asyncio.wait_for(run_sync(params, steps=steps), timeout=30))
+    assert summary["created"] == n and made[0] == n // size
+    # Told of every row by the end of the run, in fewer calls than chunks (rows done meanwhile go to the next).
+    assert sum(rows for rows, _ in shown) == n and shown[-1][1] == n and len(shown) < n // size
