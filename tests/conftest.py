@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import sys
 import tempfile
 
 # Before anything imports prefect: a private home so tests never touch ~/.prefect, and no telemetry
 # (offline, it would log an error at every server start). No PREFECT_API_URL: flows run on the harness.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="apollo-sync-tests-prefect-")
+atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)  # every session made one, and left it behind
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.pop("PREFECT_API_URL", None)
