@@ -12,11 +12,13 @@
   of the medians beside the best-of ratio (5 rounds; the machine's noise is about +-5 % a round), and the median
   and range of each round's own ratio (its flow against the plain loop run just before it). ``cpu_seconds_per_run``
   gives the CPU time this process, the sandbox and Prefect's temporary server used over a plain and a flow run
-  (medians): the client's CPU is taken from the same 2 cores the sandbox answers on.
+  (medians): the client's CPU is taken from the same 2 cores the sandbox answers on. ``send_span_s_medians`` and
+  ``ratio_send_span_plain_vs_flow_paired``: first to last request on the sandbox's clock, so the per-request cost
+  alone, without the reading, cleaning, start-up and report that the plain loop does not do.
   Goal (issue 16): flow beyond start-up >= 1.0x the plain loop's contacts/s.
 - ``scaling``: total wall time of one flow run for 10k, 100k, 1M contacts (quick: 10k and 100k) in the same warm
   process (so without interpreter and Prefect start-up, which ``startup`` measures), beside the plain loop at
-  the same size; ``plot()`` draws both as PNG.
+  the same size (``send_span_ratio_plain_vs_flow``: the send spans'); ``plot()`` draws both as PNG.
 - ``startup``: a 10-row run end to end in a fresh ``python -c`` child, as bench_prefect_startup.py does it
   (its RUN script and helpers): ephemeral Prefect on a migrated home, and (full run) against a running
   ``prefect server start``; ``python -c pass`` and ``import flows.sync_contacts`` as references.
@@ -126,6 +128,14 @@ def _reset(sandbox_url: str) -> None:
     urllib.request.urlopen(urllib.request.Request(f"{sandbox_url}/_sandbox/reset", method="POST", data=b""), timeout=30)
 
 
+def _send_span(sandbox_url: str) -> float:
+    """Seconds from the first request to the last one on the sandbox's clock, since its last reset: the part of a
+    run that per-request overhead decides (no reading, cleaning, start-up or report in it)."""
+    with urllib.request.urlopen(f"{sandbox_url}/_sandbox/stats", timeout=30) as answer:
+        stats = json.load(answer)
+    return stats["last_request_at"] - stats["first_request_at"]
+
+
 async def _child(spec: dict) -> dict:
     """Run the measurements of ``spec`` (parts, sizes, repeats) against the sandbox at spec['sandbox_url']."""
     import bench_load
@@ -137,6 +147,7 @@ async def _child(spec: dict) -> dict:
     work = Path(tempfile.mkdtemp(prefix="apollo-sync-bench-flow-"))
     runs = [0]
     cpu = CpuMeter(spec["sandbox_pid"])
+    spans: dict[str, list[float]] = {}  # first to last request, sandbox clock, per contender and size
 
     async def flow(csv: Path, n: int) -> float:
         runs[0] += 1
@@ -149,6 +160,7 @@ async def _child(spec: dict) -> dict:
         seconds = time.perf_counter() - t0
         if summary["created"] + summary["existing"] != n:
             raise RuntimeError(f"flow: {summary['created']} + {summary['existing']} of {n} contacts landed")
+        spans.setdefault(f"flow_{n}", []).append(_send_span(url))
         return seconds
 
     async def plain(frame, n: int) -> float:
@@ -158,6 +170,7 @@ async def _child(spec: dict) -> dict:
         seconds = time.perf_counter() - t0
         if landed != n:
             raise RuntimeError(f"plain loop: {landed} of {n} contacts landed")
+        spans.setdefault(f"plain_{n}", []).append(_send_span(url))
         return seconds
 
     async def session(frame, n: int) -> float:
@@ -189,7 +202,6 @@ async def _child(spec: dict) -> dict:
             times["flow"].append(await flow(csv, n))
             cpu.add("flow", before)
         fixed = statistics.median(times["flow_10_rows"])
-        paired = sorted(p / (f - fixed) for p, f in zip(times["plain"], times["flow"]))  # each round's own ratio
         best = {k: min(v) for k, v in times.items()}
         beyond = best["flow"] - fixed
         rate = {
@@ -211,10 +223,13 @@ async def _child(spec: dict) -> dict:
             "ratio_flow_beyond_startup_vs_plain_medians": round(
                 statistics.median(times["plain"]) / (statistics.median(times["flow"]) - fixed), 3),
             # each round's flow against the plain loop run just before it: the median and the range of those
-            "ratio_flow_beyond_startup_vs_plain_paired": {
-                "median": round(statistics.median(paired), 3), "min": round(paired[0], 3), "max": round(paired[-1], 3)},
+            "ratio_flow_beyond_startup_vs_plain_paired": _paired(times["plain"], [f - fixed for f in times["flow"]]),
             "goal_met": rate["flow_beyond_startup"] / rate["plain"] >= GOAL_RATIO,
             "cpu_seconds_per_run": cpu.medians(),
+            # first to last request on the sandbox's clock, each round's flow against its plain loop (>1: the
+            # flow's requests took less time): per-request cost alone, without cleaning, start-up or report
+            "ratio_send_span_plain_vs_flow_paired": _paired(spans[f"plain_{n}"], spans[f"flow_{n}"]),
+            "send_span_s_medians": {k: round(statistics.median(spans[f"{k}_{n}"]), 3) for k in ("plain", "flow")},
         }
 
     if "scaling" in spec["parts"]:
@@ -225,7 +240,8 @@ async def _child(spec: dict) -> dict:
             del frame
             flow_s = await flow(csv, n)
             points.append({"contacts": n, "flow_s": round(flow_s, 2), "plain_s": round(plain_s, 2),
-                           "flow_contacts_per_s": round(n / flow_s), "ratio_vs_plain": round(plain_s / flow_s, 3)})
+                           "flow_contacts_per_s": round(n / flow_s), "ratio_vs_plain": round(plain_s / flow_s, 3),
+                           "send_span_ratio_plain_vs_flow": round(spans[f"plain_{n}"][-1] / spans[f"flow_{n}"][-1], 3)})
             csv.unlink()
         out["scaling"] = {"points": points}
 
@@ -234,6 +250,12 @@ async def _child(spec: dict) -> dict:
 
     shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _paired(plain: list[float], flow: list[float]) -> dict[str, float]:
+    """Median and range of each round's own ratio, plain / flow (its flow against the plain loop just before it)."""
+    ratios = sorted(p / f for p, f in zip(plain, flow))
+    return {"median": round(statistics.median(ratios), 3), "min": round(ratios[0], 3), "max": round(ratios[-1], 3)}
 
 
 def _run_child(spec: dict) -> dict:
