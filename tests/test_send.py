@@ -100,7 +100,9 @@ def test_the_next_part_is_planned_only_once_the_first_request_is_out(sandbox, tm
     monkeypatch.setattr(Client, "bulk_create", sending)
     params = sync_params(source=str(path), base_url=sandbox.gateway_base_url, state_dir=str(tmp_path / "state"))
     summary = asyncio.run(run_sync(params, steps=dataclasses.replace(PLAIN_STEPS, plan=planning)))
-    assert summary["created"] == n and events[:4] == ["plan 0", "claim", "request", "plan 1"]
+    # (More requests may go before the second plan starts: the stream wakes a few loop turns after the first.)
+    firsts = sorted(["plan 0", "claim", "request", "plan 1"], key=events.index)
+    assert summary["created"] == n and firsts == ["plan 0", "claim", "request", "plan 1"]
     # The figure is the first request's moment, after the run started and within the run.
     assert 0 < summary["first_request_seconds"] < summary["seconds"]
 
