@@ -184,12 +184,12 @@ class Progress:
         if self._show is not None:
             self._unshown += result.rows
             if self._showing is None or self._showing.done():
-                self._showing = asyncio.ensure_future(self._show_unshown())
+                self._showing = asyncio.ensure_future(self._show_unshown(self._show))
 
-    async def _show_unshown(self) -> None:
+    async def _show_unshown(self, show: Callable[[int, int], Awaitable[None]]) -> None:
         while self._unshown:
             rows, self._unshown = self._unshown, 0
-            await self._show(rows, self.total)  # type: ignore[misc]
+            await show(rows, self.total)
 
     async def shown(self) -> None:
         """Wait until ``show`` has been told of every chunk done so far."""
