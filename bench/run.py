@@ -109,6 +109,10 @@ def rows(r: dict) -> list[tuple[str, str, str, str, str, str]]:
                 f"{cps['flow_total']:,}", f"{cps['plain']:,}", f"{load['ratio_flow_total_vs_plain']:.2f}x", ""))
     out.append(("load", "LoadSession alone, ledger on, same process: contacts/s",
                 f"{cps['load_session']:,}", f"{cps['plain']:,}", f"{load['ratio_load_session_vs_plain']:.2f}x", ""))
+    spans = load["send_span_s_medians"]
+    out.append(("load", "flow's send span, first to last request, sandbox clock (s, medians; ratio: paired)",
+                f"{spans['flow']:.2f}", f"{spans['plain']:.2f}",
+                f"{load['ratio_send_span_plain_vs_flow_paired']['median']:.2f}x", ""))
     if "throughput" in r:
         th = r["throughput"]
         c = th["contacts_per_s"]
