@@ -45,7 +45,7 @@ from apollo_sync.files import check_writable_dir, private_dir, private_tree
 from apollo_sync.ledger import Ledger, open_ledger, target_for
 from apollo_sync.params import Format, RunParams, SourceParams, SyncParams
 from apollo_sync.partitions import lost_rows
-from apollo_sync.processes import heap_frozen
+from apollo_sync.processes import run_gc
 from apollo_sync.redact import redact_url
 from apollo_sync.report import (
     ResultsStream,
@@ -289,7 +289,7 @@ async def run_sync(params: SyncParams, *, steps: Steps = PLAIN_STEPS, run_id: st
     Raises :class:`RunAborted` after the report is written when the run had to stop (a wrong key, an API that
     never answered); InputError/ConfigError for bad input before anything is sent.
     """
-    with heap_frozen():
+    with run_gc():
         return await _run(params, steps, run_id)
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import gc
 
 import polars as pl
+import pytest
 
 from apollo_sync import settings
 from apollo_sync.clean import EngineOptions, prepare
 from apollo_sync.load import ApolloClient, LoadConfig, LoadSession, Pacer
-from apollo_sync.processes import heap_frozen
+from apollo_sync.processes import RUN_GC_THRESHOLDS, run_gc
 from apollo_sync.send import cut_groups
 
 
@@ -33,27 +34,65 @@ def test_groups_are_whole_numbered_on_across_parts_every_chunk_once_in_order():
     assert later[0].number == len(groups) and later[0].chunks[0].number == 250
 
 
-def test_heap_frozen_holds_the_objects_alive_at_the_start_and_gives_them_back():
+def test_a_run_holds_the_objects_alive_at_its_start_and_gives_them_back():
     assert gc.get_freeze_count() == 0
     alive = [object() for _ in range(1000)]
-    with heap_frozen():
+    with run_gc():
         assert gc.get_freeze_count() >= len(alive)
     assert gc.get_freeze_count() == 0
 
 
-def test_heap_frozen_leaves_a_process_that_froze_its_own_objects_alone(monkeypatch):
+def test_a_run_leaves_a_process_that_froze_its_own_objects_alone(monkeypatch):
     # (the real count moves as frozen objects die, so the calls are what is checked)
     calls: list[str] = []
     monkeypatch.setattr(gc, "get_freeze_count", lambda: 1000)
     monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
     monkeypatch.setattr(gc, "unfreeze", lambda: calls.append("unfreeze"))
-    with heap_frozen():
+    with run_gc():
         pass
     assert calls == []
     monkeypatch.setattr(gc, "get_freeze_count", lambda: 0)
-    with heap_frozen():
+    with run_gc():
         assert calls == ["freeze"]
     assert calls == ["freeze", "unfreeze"]
+
+
+@pytest.fixture
+def gc_thresholds():
+    own = gc.get_threshold()
+    yield own
+    gc.set_threshold(*own)
+    gc.enable()
+
+
+def test_a_run_raises_the_collectors_thresholds_and_gives_the_processs_own_back(gc_thresholds):
+    gc.set_threshold(700, 10, 10)
+    with run_gc():
+        assert gc.get_threshold() == RUN_GC_THRESHOLDS
+    assert gc.get_threshold() == (700, 10, 10)
+    gc.set_threshold(50_000, 5, 10)  # a caller's higher threshold is kept, a lower one raised
+    with run_gc():
+        assert gc.get_threshold() == (50_000, RUN_GC_THRESHOLDS[1], 10)
+    assert gc.get_threshold() == (50_000, 5, 10)
+
+
+def test_overlapping_runs_give_the_settings_back_once_the_last_one_ends(gc_thresholds):
+    gc.set_threshold(700, 10, 10)
+    first, second = run_gc(), run_gc()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first run ends while the second still sends
+    assert gc.get_threshold() == RUN_GC_THRESHOLDS and gc.get_freeze_count() > 0
+    second.__exit__(None, None, None)
+    assert gc.get_threshold() == (700, 10, 10) and gc.get_freeze_count() == 0
+
+
+def test_a_run_leaves_a_disabled_collector_alone(gc_thresholds):
+    gc.set_threshold(700, 10, 10)
+    gc.disable()
+    with run_gc():
+        assert gc.get_threshold() == (700, 10, 10) and not gc.isenabled()
+    assert not gc.isenabled()
 
 
 def test_a_sending_runs_first_part_is_a_few_thousand_rows_however_large_the_source(tmp_path):
