@@ -81,12 +81,14 @@ def write_contacts(rows: int, path: Path) -> Path:
 
 
 def run_one(csv: Path, rows: int, base: str, work: Path, concurrency: int) -> dict:
+    from bench_flow import prefect_home
+
     state = work / f"state-{rows}"
     figures = work / f"figures-{rows}.json"
     script = _CHILD.format(root=str(ROOT), csv=str(csv), base=base, state=str(state), report=str(state / "report"),
                            concurrency=concurrency)  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "APOLLO_"))}
-    env |= {"PREFECT_HOME": str(OUT / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    env |= {"PREFECT_HOME": str(prefect_home()), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_TASKS_REFRESH_CACHE": "true", "APOLLO_API_KEY": KEY, "BENCH_FIGURES": str(figures),
             "PREFECT_LOGGING_LEVEL": "WARNING"}  # fmt: skip
     subprocess.run([sys.executable, "-c", script], env=env, check=True, cwd=ROOT)
