@@ -25,7 +25,7 @@ RUN_GC_THRESHOLDS = (20_000, 20, 10)
 """The collector's thresholds while a run goes (Python's defaults are (700, 10, 10)). A sending run allocates
 containers per answer and per row (the answer's contacts, the rows' lists, the ledger's tuples) that nearly all die
 young, by reference counting: with the defaults that is about 100 young and 10 middle collections in 30,000
-contacts, up to 11 ms each, every one of them a pause of the event loop while answers wait. Measured in
+contacts (30 ms in all, a middle one up to 11 ms), each a pause of the event loop while answers wait. Measured in
 BENCHMARKS.md ("Fifth look"): about 2.5 points of the load ratio. Only reference cycles wait longer to be freed."""
 
 _lock = threading.Lock()
